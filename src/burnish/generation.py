@@ -33,6 +33,11 @@ class GenerationChunk:
     finish_reason: str | None = None  # "stop" (eos or stop string), "length"
 
 
+def is_vision_model(model) -> bool:
+    info = getattr(model, "_burnish", None)
+    return bool(info is not None and info.is_vision)
+
+
 def is_messages(prompt) -> bool:
     return (isinstance(prompt, (list, tuple)) and len(prompt) > 0
             and all(isinstance(m, dict) for m in prompt))
@@ -87,9 +92,20 @@ def stream_generate(model, tokenizer, prompt, max_new_tokens: int = 256,
                     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                     min_p: float = 0.0, repetition_penalty: float | None = None,
                     seed: int | None = None, stop: str | Sequence[str] | None = None,
-                    ) -> Iterator[GenerationChunk]:
-    """Yield `GenerationChunk`s for one prompt (a string or chat messages)."""
+                    images=None) -> Iterator[GenerationChunk]:
+    """Yield `GenerationChunk`s for one prompt (a string or chat messages).
+
+    `images` (file paths or PIL images) go to a vision-language model."""
     from mlx_lm.generate import stream_generate as mlx_stream_generate
+
+    if images is not None or is_vision_model(model):
+        from .vision import stream_generate_vision
+
+        yield from stream_generate_vision(
+            model, tokenizer, prompt, images=images, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+            repetition_penalty=repetition_penalty, seed=seed, stop=stop)
+        return
 
     if max_new_tokens <= 0:
         raise BurnishError(f"max_new_tokens={max_new_tokens} must be positive")
@@ -123,7 +139,7 @@ def generate(model, tokenizer, prompt, max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              min_p: float = 0.0, repetition_penalty: float | None = None,
              seed: int | None = None, stop: str | Sequence[str] | None = None,
-             verbose: bool = False):
+             images=None, verbose: bool = False):
     """Generate text for a prompt; a list of prompts is generated as a batch
     and returns a list of texts. A prompt is a string or a list of chat
     messages (rendered with the tokenizer's chat template)."""
@@ -131,9 +147,12 @@ def generate(model, tokenizer, prompt, max_new_tokens: int = 256,
                    top_p=top_p, top_k=top_k, min_p=min_p,
                    repetition_penalty=repetition_penalty, seed=seed, stop=stop)
     if isinstance(prompt, (list, tuple)) and prompt and not is_messages(prompt):
+        if images is not None or is_vision_model(model):
+            raise BurnishError("batched generation with images is not supported; "
+                               "pass one prompt at a time")
         return _generate_batch(model, tokenizer, list(prompt), **options)
     text, last = "", None
-    for chunk in stream_generate(model, tokenizer, prompt, **options):
+    for chunk in stream_generate(model, tokenizer, prompt, images=images, **options):
         text += chunk.text
         last = chunk
         if verbose:

@@ -54,6 +54,7 @@ class LoadInfo:
     model_type: str
     max_seq_length: int
     quantization: dict | None = None
+    is_vision: bool = False
     param_dtypes: dict = field(default_factory=dict)  # path -> checkpoint dtype
 
 
@@ -217,10 +218,15 @@ def from_pretrained(model_name, max_seq_length: int = 2048, dtype=None,
     dtype = parse_dtype(dtype)
     path = resolve_model_path(model_name)
     config = read_config(path)
-    if "vision_config" in config:
-        raise BurnishError(f"{path}: a vision-language model ({config['model_type']}); "
-                           "vision models are not supported yet")
     check_safetensors(path)
+    if is_vision_config(config):
+        from .vision import load_vision_model
+
+        return load_vision_model(path, config, max_seq_length=max_seq_length,
+                                 dtype=dtype, load_in_4bit=load_in_4bit,
+                                 load_in_8bit=load_in_8bit,
+                                 full_finetuning=full_finetuning,
+                                 trust_remote_code=trust_remote_code)
     model, tokenizer, config = _load_mlx_lm(path, config, trust_remote_code)
 
     quantization = config.get("quantization")
@@ -252,6 +258,11 @@ def from_pretrained(model_name, max_seq_length: int = 2048, dtype=None,
         param_dtypes={k: v.dtype for k, v in tree_flatten(model.parameters())},
     )
     return model, tokenizer
+
+
+def is_vision_config(config: dict) -> bool:
+    """A vision-language checkpoint (loaded through mlx-vlm)."""
+    return "vision_config" in config
 
 
 def load_info(model: nn.Module) -> LoadInfo | None:
