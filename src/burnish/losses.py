@@ -1,0 +1,200 @@
+"""Masked cross-entropy in float32, whole or in chunks over the tokens.
+
+Losses are *sums* over trained tokens, returned with the token count, so that
+the trainer can divide by the count of the whole gradient-accumulation window
+(a token-weighted mean, not a mean of per-batch means).
+
+Memory: a (B, L, V) float32 copy of the logits is what usually dominates a
+fine-tuning step for large vocabularies. `cross_entropy_sum` never keeps one
+for the backward pass (its gradient is recomputed from the logits in their
+own dtype), and `chunked_cross_entropy_sum` never builds full logits at all:
+it runs the output head on `chunk_size` tokens at a time and recomputes each
+chunk in the backward pass.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import BurnishError
+
+
+@mx.custom_function
+def _token_ce(logits, targets):
+    """Per-token cross-entropy in float32: logsumexp(x) - x[target]."""
+    x = logits.astype(mx.float32)
+    picked = mx.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
+    return mx.logsumexp(x, axis=-1) - picked
+
+
+@_token_ce.vjp
+def _token_ce_vjp(primals, cotangent, output):
+    # d/dx = softmax(x) - onehot(target), recomputed from the logits so that
+    # no float32 (.., V) array is kept between the forward and backward pass.
+    logits, targets = primals
+    x = logits.astype(mx.float32)
+    idx = targets[..., None]
+    lse = output + mx.take_along_axis(x, idx, axis=-1)[..., 0]
+    g = mx.exp(x - lse[..., None]) * cotangent[..., None]
+    g = mx.put_along_axis(g, idx, mx.take_along_axis(g, idx, axis=-1) - cotangent[..., None], axis=-1)
+    return g.astype(logits.dtype), mx.zeros_like(targets)
+
+
+def cross_entropy_sum(logits, targets, weights) -> mx.array:
+    """Sum over tokens of weight * cross-entropy, as a float32 scalar.
+
+    logits (..., V) in any float dtype; targets (...) int; weights (...) 0/1.
+    """
+    ce = _token_ce(logits, targets.astype(mx.int32))
+    return (ce * weights.astype(mx.float32)).sum()
+
+
+def _head_module(head):
+    """The module whose parameters `head` uses (for explicit gradients)."""
+    if isinstance(head, nn.Module):
+        return head
+    owner = getattr(head, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
+
+
+def chunked_cross_entropy_sum(hidden, head, targets, weights, chunk_size=2048) -> mx.array:
+    """`cross_entropy_sum(head(hidden), targets, weights)` without full logits.
+
+    hidden (B, L, D) are the final hidden states; head maps them to logits.
+    The head runs on `chunk_size` tokens at a time under `mx.checkpoint`, so
+    neither the forward nor the backward pass holds more than one chunk of
+    logits. Gradients flow to `hidden` and to the head's parameters (passed
+    explicitly, since `mx.checkpoint` does not differentiate closures).
+    """
+    D = hidden.shape[-1]
+    h = hidden.reshape(-1, D)
+    t = targets.reshape(-1).astype(mx.int32)
+    w = weights.reshape(-1).astype(mx.float32)
+    module = _head_module(head)
+
+    if module is None:  # a plain function: chunk without recomputation
+        return sum(
+            cross_entropy_sum(head(h[i : i + chunk_size]), t[i : i + chunk_size], w[i : i + chunk_size])
+            for i in range(0, h.shape[0], chunk_size)
+        )
+
+    params = module.trainable_parameters()
+
+    def piece(params, h, t, w):
+        module.update(params)
+        return cross_entropy_sum(head(h), t, w)
+
+    piece = mx.checkpoint(piece)
+    total = mx.array(0.0, mx.float32)
+    try:
+        for i in range(0, h.shape[0], chunk_size):
+            total = total + piece(params, h[i : i + chunk_size], t[i : i + chunk_size], w[i : i + chunk_size])
+    finally:
+        module.update(params)  # leave the caller's arrays in place
+    return total
+
+
+class _Head(nn.Module):
+    """Output head of an mlx-lm model: lm_head or tied embeddings, plus
+    the model's final logit transform (softcapping or scaling)."""
+
+    def __init__(self, proj, tied, softcap=None, scale=None):
+        super().__init__()
+        self.proj = proj
+        self._tied = tied
+        self._softcap = softcap
+        self._scale = scale
+
+    def __call__(self, h):
+        out = self.proj.as_linear(h) if self._tied else self.proj(h)
+        if self._softcap is not None:
+            out = mx.tanh(out / self._softcap) * self._softcap
+        if self._scale is not None:
+            out = out * self._scale
+        return out
+
+
+class _Identity(nn.Module):
+    def __call__(self, x):
+        return x
+
+
+# mlx-lm model types whose Model.__call__ is exactly
+# `head(self.model(inputs, cache))` with head = lm_head or tied embed_tokens.
+_PLAIN = {
+    "afm7", "afmoe", "apertus", "bailing_moe", "bitnet", "cohere2", "deepseek",
+    "deepseek_v2", "deepseek_v3", "dots1", "ernie4_5", "ernie4_5_moe", "exaone4",
+    "gemma3_text", "glm", "glm4", "glm4_moe", "helium", "hunyuan_v1_dense",
+    "internlm2", "internlm3", "llama", "mellum", "mimo", "ministral3", "mistral",
+    "nanbeige", "nemotron", "olmo2", "olmo3", "olmoe", "phi", "phi3", "phimoe",
+    "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "stablelm", "starcoder2", "step3p5",
+    "youtu_llm",
+}
+
+
+def _model_type(model):
+    return getattr(model, "model_type", None) or getattr(getattr(model, "args", None), "model_type", None)
+
+
+def language_model_parts(model):
+    """(body, head): body(inputs, cache) -> final hidden states, head(h) -> logits.
+
+    For known mlx-lm model types `head(body(x, cache)) == model(x, cache=cache)`;
+    for anything else body is the whole model and head the identity.
+    """
+    kind = _model_type(model)
+    inner = getattr(model, "model", None)
+    head = None
+    if isinstance(inner, nn.Module) and kind in _PLAIN | {"gemma2", "granite", "granitemoe", "cohere"}:
+        if "lm_head" in model and kind not in ("gemma2", "cohere"):
+            proj, tied = model.lm_head, False
+        elif "embed_tokens" in inner:
+            proj, tied = inner.embed_tokens, True
+        else:
+            proj = None
+        if proj is not None:
+            softcap = getattr(model, "final_logit_softcapping", None) if kind == "gemma2" else None
+            scale = None
+            if kind in ("granite", "granitemoe"):
+                scale = 1.0 / model.logits_scaling
+            elif kind == "cohere":
+                scale = model.model.args.logit_scale
+            head = _Head(proj, tied, softcap=softcap, scale=scale)
+    if head is None:
+        return (lambda inputs, cache=None: model(inputs, cache=cache)), _Identity()
+    return (lambda inputs, cache=None: inner(inputs, cache)), head
+
+
+def loss_and_count(model, batch, chunk_size=None):
+    """(sum of weighted CE in float32, number of trained tokens as float32).
+
+    chunk_size: tokens per head chunk; None chooses chunking when the full
+    float32 logits would be large (> 2**26 elements), 0 never chunks.
+    Packed batches (segments not None) run with block-diagonal masks.
+    """
+    from .data import packed_caches
+
+    body, head = language_model_parts(model)
+    cache = None
+    if batch.segments is not None:
+        cache = packed_caches(model, batch.segments)
+    hidden = body(batch.inputs, cache)
+    count = batch.weights.astype(mx.float32).sum()
+    if chunk_size is None:
+        V = _vocab_size(model, head)
+        n = batch.inputs.size
+        chunk_size = max(256, (2**26) // V) if V and n * V > 2**26 else 0
+    if chunk_size:
+        loss = chunked_cross_entropy_sum(hidden, head, batch.targets, batch.weights, chunk_size)
+    else:
+        loss = cross_entropy_sum(head(hidden), batch.targets, batch.weights)
+    return loss, count
+
+
+def _vocab_size(model, head):
+    if isinstance(head, _Head):
+        w = head.proj.weight
+        return w.shape[0]
+    args = getattr(model, "args", None)
+    return getattr(args, "vocab_size", None)
