@@ -241,10 +241,8 @@ def from_pretrained(model_name, max_seq_length: int = 2048, dtype=None,
     if full_finetuning and quantization:
         raise BurnishError("full_finetuning=True needs an unquantised model; "
                            "use LoRA on the quantised model (QLoRA) instead")
-    try:  # TODO(lead): drop the guard once precision.py has landed
-        from .precision import apply_architecture_norms
-    except ImportError:
-        apply_architecture_norms = lambda m: m  # noqa: E731
+    from .precision import apply_architecture_norms
+
     apply_architecture_norms(model)
     mx.eval(model.parameters())
     if full_finetuning:
