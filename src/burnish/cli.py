@@ -1,4 +1,4 @@
-"""The `burnish` command line: info, generate, demo.
+"""The `burnish` command line: info, generate, train, export, demo.
 
 User errors print one line (`burnish: error: ...`) and exit with status 2;
 no traceback.
@@ -7,6 +7,7 @@ no traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import BurnishError
@@ -42,6 +43,32 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .runconfig import load_run_config, run
+
+    config = load_run_config(args.config, args.overrides)
+    metrics = run(config)
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                   for k, v in metrics.items()))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_gguf, load_adapters, save_merged
+    from .loading import from_pretrained
+
+    if not (args.out or args.gguf):
+        raise BurnishError("export: give --out FOLDER (merged model) and/or --gguf FILE")
+    model, tokenizer = from_pretrained(args.model)
+    if args.adapters:
+        load_adapters(model, args.adapters)
+    if args.out:
+        print(f"merged model: {save_merged(model, tokenizer, args.out, dtype=args.dtype, dequantize=args.dequantize)}")
+    if args.gguf:
+        print(f"gguf: {export_gguf(model, tokenizer, args.gguf)}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -68,6 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wrap the prompt as a user message in the chat template")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("train", help="fine-tune from a YAML run file")
+    p.add_argument("config", help="YAML with sections model, peft, data, training")
+    p.add_argument("overrides", nargs=argparse.REMAINDER,
+                   help="--section.key VALUE pairs that override the file")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="merge adapters into a model folder and/or GGUF")
+    p.add_argument("--model", required=True, help="base model folder")
+    p.add_argument("--adapters", help="adapter folder (mlx-lm layout)")
+    p.add_argument("--out", help="write a merged Hugging Face folder here")
+    p.add_argument("--gguf", help="write a GGUF file here (llama-family models)")
+    p.add_argument("--dtype", default=None, help="cast the merged weights")
+    p.add_argument("--dequantize", action="store_true")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("demo", help="run the demo on the bundled tiny model")
     p.add_argument("--output-dir", default="burnish-demo")
     p.set_defaults(func=cmd_demo)
@@ -75,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    # transformers' advisory notes (e.g. "PyTorch was not found") are noise here.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
