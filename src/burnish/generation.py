@@ -98,7 +98,9 @@ def stream_generate(model, tokenizer, prompt, max_new_tokens: int = 256,
     `images` (file paths or PIL images) go to a vision-language model."""
     from mlx_lm.generate import stream_generate as mlx_stream_generate
 
-    if images is not None or is_vision_model(model):
+    from .vision import has_image_parts
+
+    if images is not None or is_vision_model(model) or has_image_parts(prompt):
         from .vision import stream_generate_vision
 
         yield from stream_generate_vision(
