@@ -195,6 +195,12 @@ def test_is_norm_rejects_non_norm_shapes():
             super().__init__()
             self.weight = mx.ones((2, 4))
 
+    class GatedRMSNorm(nn.RMSNorm):  # a standard norm class that also holds a Linear
+        def __init__(self):
+            super().__init__(4)
+            self.gate = nn.Linear(4, 4)
+
+    assert not P.is_norm(GatedRMSNorm())
     assert not P.is_norm(ProjNorm())
     assert not P.is_norm(GateNorm())
     assert not P.is_norm(EmptyNorm())

@@ -99,30 +99,32 @@ def is_norm(module, name: str | None = None) -> bool:
     StableLM's `LayerNormPerHead`). A module that holds a `Linear` or other
     weighted layers is not a norm, whatever it is called.
     """
-    if not isinstance(module, nn.Module):
+    if not isinstance(module, nn.Module) or isinstance(module, _NOT_NORMS):
         return False
-    if isinstance(module, _STANDARD_NORMS):
-        return True
-    if isinstance(module, _NOT_NORMS):
-        return False
-    if not _says_norm(type(module).__name__, _attr_name(name)):
-        return False
+    standard = isinstance(module, _STANDARD_NORMS)
+    if not standard and not _says_norm(type(module).__name__, _attr_name(name)):
+        return False  # cheap test first: most modules stop here
     members = _own_members(module)
     if members is None:
         return False
     arrays, children = members
-    if any(key not in _SCALE_KEYS | _BIAS_KEYS for key in arrays):
-        return False
-    scales = [v for k, v in arrays.items() if k in _SCALE_KEYS]
-    biases = [v for k, v in arrays.items() if k in _BIAS_KEYS]
-    if len(scales) > 1 or len(biases) > 1 or (biases and not scales):
-        return False
-    if scales and (scales[0].ndim > 2 or (biases and biases[0].shape != scales[0].shape)):
-        return False  # a (out, in) weight with an (out,) bias is a projection
-    weighted_children = [(k, c) for k, c in children if tree_flatten(c.parameters())]
-    if not all(is_norm(c, k) for k, c in weighted_children):
-        return False
-    return bool(scales) or bool(weighted_children)
+    if not standard:
+        if any(key not in _SCALE_KEYS | _BIAS_KEYS for key in arrays):
+            return False
+        scales = [v for k, v in arrays.items() if k in _SCALE_KEYS]
+        biases = [v for k, v in arrays.items() if k in _BIAS_KEYS]
+        if len(scales) > 1 or len(biases) > 1 or (biases and not scales):
+            return False
+        if scales and (scales[0].ndim > 2
+                       or (biases and biases[0].shape != scales[0].shape)):
+            return False  # an (out, in) weight with an (out,) bias is a projection
+    norm_children = 0
+    for key, child in children:
+        if is_norm(child, key):
+            norm_children += 1
+        elif tree_flatten(child.parameters()):
+            return False  # a "norm" that holds a Linear or other weights
+    return standard or bool(scales) or norm_children > 0
 
 
 def _path_key(path: str):
