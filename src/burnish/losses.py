@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .errors import BurnishError
 
@@ -36,8 +37,8 @@ def _token_ce_vjp(primals, cotangent, output):
     x = logits.astype(mx.float32)
     idx = targets[..., None]
     lse = output + mx.take_along_axis(x, idx, axis=-1)[..., 0]
-    g = mx.exp(x - lse[..., None]) * cotangent[..., None]
-    g = mx.put_along_axis(g, idx, mx.take_along_axis(g, idx, axis=-1) - cotangent[..., None], axis=-1)
+    onehot = mx.arange(x.shape[-1]) == idx
+    g = (mx.exp(x - lse[..., None]) - onehot) * cotangent[..., None]
     return g.astype(logits.dtype), mx.zeros_like(targets)
 
 
@@ -58,41 +59,81 @@ def _head_module(head):
     return owner if isinstance(owner, nn.Module) else None
 
 
-def chunked_cross_entropy_sum(hidden, head, targets, weights, chunk_size=2048) -> mx.array:
+def _chunks(n, size):
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def chunked_cross_entropy_sum(hidden, head, targets, weights, chunk_size=2048,
+                              with_grad=True) -> mx.array:
     """`cross_entropy_sum(head(hidden), targets, weights)` without full logits.
 
     hidden (B, L, D) are the final hidden states; head maps them to logits.
-    The head runs on `chunk_size` tokens at a time under `mx.checkpoint`, so
-    neither the forward nor the backward pass holds more than one chunk of
-    logits. Gradients flow to `hidden` and to the head's parameters (passed
-    explicitly, since `mx.checkpoint` does not differentiate closures).
+    The head runs on `chunk_size` tokens at a time, one chunk after another
+    (`mx.depends` chains them; MLX would otherwise run up to 20 independent
+    chunks side by side), so at most about one chunk of logits exists at once.
+
+    with_grad=True computes each chunk's gradients (for a unit cotangent)
+    while its logits are alive and scales them in the backward pass: no
+    recomputation, and gradients flow to `hidden` and to the head's trainable
+    parameters. Use with_grad=False for evaluation (it skips that work; it
+    is still differentiable, but then without the memory bound).
     """
     D = hidden.shape[-1]
     h = hidden.reshape(-1, D)
     t = targets.reshape(-1).astype(mx.int32)
     w = weights.reshape(-1).astype(mx.float32)
+    pieces = _chunks(h.shape[0], chunk_size)
+    if not with_grad:
+        total = None
+        for sl in pieces:
+            hc = h[sl] if total is None else mx.depends(h[sl], total)
+            part = cross_entropy_sum(head(hc), t[sl], w[sl])
+            total = part if total is None else total + part
+        return total
     module = _head_module(head)
-
-    if module is None:  # a plain function: chunk without recomputation
-        return sum(
-            cross_entropy_sum(head(h[i : i + chunk_size]), t[i : i + chunk_size], w[i : i + chunk_size])
-            for i in range(0, h.shape[0], chunk_size)
-        )
-
+    if module is None:
+        module = _Identity()
     params = module.trainable_parameters()
+    keys = [k for k, _ in tree_flatten(params)]
+    loss, _, _ = _fused_ce(h, t, w, params, head, module, keys, pieces)
+    return loss
 
-    def piece(params, h, t, w):
-        module.update(params)
-        return cross_entropy_sum(head(h), t, w)
 
-    piece = mx.checkpoint(piece)
-    total = mx.array(0.0, mx.float32)
-    try:
-        for i in range(0, h.shape[0], chunk_size):
-            total = total + piece(params, h[i : i + chunk_size], t[i : i + chunk_size], w[i : i + chunk_size])
-    finally:
-        module.update(params)  # leave the caller's arrays in place
-    return total
+def _fused_ce(h, t, w, params, head, module, keys, pieces):
+    @mx.custom_function
+    def fused(h, t, w, params):
+        values = [v for _, v in tree_flatten(params)]
+
+        def piece(tc, wc):
+            def f(hc, *vals):
+                module.update(tree_unflatten(list(zip(keys, vals))))
+                return [cross_entropy_sum(head(hc), tc, wc)]
+            return f
+
+        total, dh, dp, one = None, [], None, mx.array(1.0, mx.float32)
+        try:
+            for sl in pieces:
+                hc = h[sl]
+                if total is not None:  # chunk i+1 starts after chunk i is done
+                    hc = mx.depends(hc, [total, dh[-1]] + (dp or []))
+                (part,), grads = mx.vjp(piece(t[sl], w[sl]), [hc, *values], [one])
+                total = part if total is None else total + part
+                dh.append(grads[0])
+                g = grads[1:]
+                dp = g if dp is None else [a + b for a, b in zip(dp, g)]
+        finally:
+            module.update(params)
+        return total, mx.concatenate(dh, axis=0), tree_unflatten(list(zip(keys, dp))) if keys else {}
+
+    @fused.vjp
+    def fused_vjp(primals, cotangents, outputs):
+        _, t, w, _ = primals
+        c = cotangents[0]
+        _, dh, dp = outputs
+        scale = lambda g: (g.astype(mx.float32) * c).astype(g.dtype)
+        return scale(dh), mx.zeros_like(t), mx.zeros_like(w), tree_map(scale, dp)
+
+    return fused(h, t, w, params)
 
 
 class _Head(nn.Module):
@@ -166,12 +207,14 @@ def language_model_parts(model):
     return (lambda inputs, cache=None: inner(inputs, cache)), head
 
 
-def loss_and_count(model, batch, chunk_size=None):
+def loss_and_count(model, batch, chunk_size=None, training=True):
     """(sum of weighted CE in float32, number of trained tokens as float32).
 
-    chunk_size: tokens per head chunk; None chooses chunking when the full
-    float32 logits would be large (> 2**26 elements), 0 never chunks.
-    Packed batches (segments not None) run with block-diagonal masks.
+    chunk_size: tokens per head chunk; None chunks only when the full float32
+    logits would exceed 2**27 elements (512 MB), in chunks of about 2**24
+    elements; 0 never chunks. Packed batches (segments not None) run with
+    block-diagonal masks. training=False skips the fused gradient work of
+    the chunked path (for evaluation).
     """
     from .data import packed_caches
 
@@ -184,9 +227,10 @@ def loss_and_count(model, batch, chunk_size=None):
     if chunk_size is None:
         V = _vocab_size(model, head)
         n = batch.inputs.size
-        chunk_size = max(256, (2**26) // V) if V and n * V > 2**26 else 0
+        chunk_size = max(128, (2**24) // V) if V and n * V > 2**27 else 0
     if chunk_size:
-        loss = chunked_cross_entropy_sum(hidden, head, batch.targets, batch.weights, chunk_size)
+        loss = chunked_cross_entropy_sum(hidden, head, batch.targets, batch.weights,
+                                         chunk_size, with_grad=training)
     else:
         loss = cross_entropy_sum(head(hidden), batch.targets, batch.weights)
     return loss, count
