@@ -324,7 +324,7 @@ def test_failure_halfway_through_setup_is_undone(model_factory, monkeypatch, ste
     assert len(calls) == 3
     assert_restored(model, snap)
     assert all(params(model)[k] is v for k, v in snap[1].items())
-    assert P._LIVE == {}
+    assert P._LIVE == {} and P._CHECKPOINT_DTYPES == {}
     assert mx.array_equal(model(PROMPT), logits).item()
 
 
@@ -380,9 +380,13 @@ def test_nested_and_repeated_scopes(model_factory):
     model, _ = from_pretrained(model_factory("gemma3_text"))
     snap = snapshot(model)
     arch_classes = {p: type(m) for p, m in P.find_norms(model)}
+    dtypes = {k: v.dtype for k, v in snap[1].items()}
+    assert P.checkpoint_dtypes(model) == dtypes
     with P.training_precision(model):
         outer_classes = {p: type(m) for p, m in P.find_norms(model)}
+        assert P.checkpoint_dtypes(model) == dtypes
         with P.training_precision(model):
+            assert P.checkpoint_dtypes(model) == dtypes
             assert {p: type(m) for p, m in P.find_norms(model)} == outer_classes
             assert {v.dtype for k, v in params(model).items() if "norm" in k} == {mx.float32}
         with P.training_precision(model, cast_outputs=False):
@@ -394,6 +398,7 @@ def test_nested_and_repeated_scopes(model_factory):
         io, logits = norm_io(model, PROMPT)
         assert logits.dtype == mx.bfloat16
     assert_restored(model, snap)
+    assert P._CHECKPOINT_DTYPES == {} and P._LIVE == {}
     assert {p: type(m) for p, m in P.find_norms(model)} == arch_classes
     for _ in range(3):  # repeated scopes reuse the cached classes
         with P.training_precision(model):

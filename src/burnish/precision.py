@@ -419,6 +419,28 @@ def _scope_class(base: type, cast_outputs: bool) -> type:
 _BUILDERS = {"arch": _arch_class, "scope": _scope_class}
 
 
+# (id(holder module), key) -> dtypes on entry of each open scope, outermost first
+_CHECKPOINT_DTYPES: dict[tuple[int, str], list] = {}
+
+
+def checkpoint_dtypes(model: nn.Module) -> dict[str, mx.Dtype]:
+    """Parameter path -> the dtype it has outside any `training_precision`.
+
+    Inside a scope, norm parameters are float32; use this to save weights in
+    the checkpoint's dtypes mid-training. Outside a scope it is the current
+    dtype of every parameter.
+    """
+    out = {k: v.dtype for k, v in tree_flatten(model.parameters())}
+    if _CHECKPOINT_DTYPES:
+        for path, module in model.named_modules():
+            for key, value in module.items():
+                dtypes = _CHECKPOINT_DTYPES.get((id(module), key))
+                name = f"{path}.{key}" if path else key
+                if dtypes and name in out:
+                    out[name] = dtypes[0]
+    return out
+
+
 @dataclass
 class _ParamRecord:
     holder: nn.Module  # the module whose dict holds the parameter
@@ -469,6 +491,7 @@ class _Scope:
                 continue
             promoted = value.astype(mx.float32)
             self.params.append(_ParamRecord(holder, key, value, promoted))
+            _CHECKPOINT_DTYPES.setdefault((id(holder), key), []).append(value.dtype)
             holder[key] = promoted
 
     def _swap_class(self, module):
@@ -515,6 +538,11 @@ class _Scope:
 
     @staticmethod
     def _restore_param(record: _ParamRecord):
+        dtypes = _CHECKPOINT_DTYPES.get((id(record.holder), record.key), [])
+        if dtypes:
+            dtypes.pop()
+        if not dtypes:
+            _CHECKPOINT_DTYPES.pop((id(record.holder), record.key), None)
         current = record.holder.get(record.key)
         if current is record.promoted:
             record.holder[record.key] = record.original
