@@ -112,6 +112,17 @@ def test_fast_vision_model(vlm, model_factory):
         FastVisionModel.from_pretrained(model_factory("llama"))
 
 
+def test_checkpoint_code_needs_trust_remote_code(vlm, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(vlm("glm_ocr")[0], tmp_path / "custom")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_file": "model.py"}))
+    (folder / "model.py").write_text("raise SystemExit('must not run')\n")
+    with pytest.raises(BurnishError, match="config.json: field 'model_file'.*trust_remote_code"):
+        from_pretrained(folder)
+
+
 # --------------------------------------------------------------------------
 # Generation
 

@@ -86,7 +86,8 @@ ARCHS = {
     ),
 }
 
-# Image side: patches of 8 pixels, 32x32 images (16 patches, 4 image tokens).
+# Image side: patches of 8 pixels, 32x32 images by default (16 patches, 4
+# image tokens after the 2x2 merge).
 IMAGE_SIZE = 32
 PATCH = 8
 
@@ -118,7 +119,7 @@ def _ids(tok, *names):
     return [tok.convert_tokens_to_ids(n) for n in names]
 
 
-def _gemma3(tok, vocab, text, vision):
+def _gemma3(tok, vocab, text, vision, size):
     image_token, pad = _ids(tok, "<image_soft_token>", "<pad>")
     text = {"model_type": "gemma3_text", "hidden_size": 64, "num_hidden_layers": 2,
             "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -127,7 +128,7 @@ def _gemma3(tok, vocab, text, vision):
             "rms_norm_eps": 1e-6, "max_position_embeddings": 512, **text}
     vision = {"model_type": "siglip_vision_model", "hidden_size": 32,
               "num_hidden_layers": 2, "intermediate_size": 64, "num_attention_heads": 2,
-              "patch_size": PATCH, "image_size": IMAGE_SIZE, "layer_norm_eps": 1e-6,
+              "patch_size": PATCH, "image_size": size, "layer_norm_eps": 1e-6,
               **vision}
     config = {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
               "text_config": text, "vision_config": vision,
@@ -145,7 +146,7 @@ def _gemma3(tok, vocab, text, vision):
     return config, image_processor, processor
 
 
-def _qwen3_vl(tok, vocab, text, vision):
+def _qwen3_vl(tok, vocab, text, vision, size):
     image, video, start, end, pad = _ids(tok, "<|image_pad|>", "<|video_pad|>",
                                          "<|vision_start|>", "<|vision_end|>", "<|endoftext|>")
     text = {"model_type": "qwen3_vl_text", "hidden_size": 64, "num_hidden_layers": 2,
@@ -157,20 +158,21 @@ def _qwen3_vl(tok, vocab, text, vision):
     vision = {"model_type": "qwen3_vl", "depth": 2, "hidden_size": 32,
               "intermediate_size": 64, "num_heads": 2, "out_hidden_size": text["hidden_size"],
               "patch_size": PATCH, "temporal_patch_size": 2, "spatial_merge_size": 2,
-              "num_position_embeddings": 16, "deepstack_visual_indexes": [0], **vision}
+              "num_position_embeddings": (size // PATCH) ** 2, "deepstack_visual_indexes": [0],
+              **vision}
     config = {"model_type": "qwen3_vl", "architectures": ["Qwen3VLForConditionalGeneration"],
               "text_config": text, "vision_config": vision, "image_token_id": image,
               "video_token_id": video, "vision_start_token_id": start,
               "vision_end_token_id": end, "pad_token_id": pad, "vocab_size": vocab,
               "tie_word_embeddings": False}
-    pixels = IMAGE_SIZE * IMAGE_SIZE
+    pixels = size * size
     image_processor = {"patch_size": vision["patch_size"], "temporal_patch_size": 2,
                        "merge_size": 2, "min_pixels": pixels, "max_pixels": pixels,
                        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
     return config, image_processor, None
 
 
-def _glm_ocr(tok, vocab, text, vision):
+def _glm_ocr(tok, vocab, text, vision, size):
     image, video, boi, eoi, bov, eov, pad = _ids(
         tok, "<|image|>", "<|video|>", "<|begin_of_image|>", "<|end_of_image|>",
         "<|begin_of_video|>", "<|end_of_video|>", "<|endoftext|>")
@@ -184,7 +186,7 @@ def _glm_ocr(tok, vocab, text, vision):
             **text}
     vision = {"model_type": "glm_ocr_vision", "depth": 2, "hidden_size": 32,
               "intermediate_size": 64, "num_heads": 2, "patch_size": PATCH,
-              "image_size": IMAGE_SIZE, "out_hidden_size": text["hidden_size"],
+              "image_size": size, "out_hidden_size": text["hidden_size"],
               "spatial_merge_size": 2, "temporal_patch_size": 2, "rms_norm_eps": 1e-5,
               **vision}
     config = {"model_type": "glm_ocr", "architectures": ["GlmOcrForConditionalGeneration"],
@@ -194,7 +196,7 @@ def _glm_ocr(tok, vocab, text, vision):
               "video_end_token_id": eov, "pad_token_id": pad, "vocab_size": vocab,
               "hidden_size": text["hidden_size"]}
     # smart_resize counts the temporal patch (2 frames) in the pixel budget.
-    pixels = 2 * IMAGE_SIZE * IMAGE_SIZE
+    pixels = 2 * size * size
     image_processor = {"patch_size": vision["patch_size"], "temporal_patch_size": 2,
                        "merge_size": 2, "size": {"shortest_edge": pixels,
                                                  "longest_edge": pixels}}
@@ -215,18 +217,21 @@ def make_model(config: dict):
 
 
 def build(folder, arch: str = "qwen3_vl", dtype=mx.bfloat16, seed: int = 0,
-          text: dict | None = None, vision: dict | None = None, eos: bool = True) -> Path:
+          text: dict | None = None, vision: dict | None = None, eos: bool = True,
+          image_size: int = IMAGE_SIZE) -> Path:
     """Write a tiny random `arch` VLM with its processor to `folder`.
 
     `text` / `vision` override fields of the language / vision config (to
     build larger models, e.g. for benchmarks). With `eos=False` the model has
     no end-of-sequence token, so generation always runs to its token limit.
+    Images are resized to `image_size` pixels square (patches of 8 pixels).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(folder, arch, eos=eos)
     vocab = len(tok)
-    config, image_processor, processor = _CONFIGS[arch](tok, vocab, text or {}, vision or {})
+    config, image_processor, processor = _CONFIGS[arch](tok, vocab, text or {}, vision or {},
+                                                        image_size)
     config["eos_token_id"] = _ids(tok, *ARCHS[arch]["eos"]) if eos else []
     if arch == "glm_ocr":
         config["text_config"]["eos_token_id"] = config["eos_token_id"]

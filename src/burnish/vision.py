@@ -34,6 +34,9 @@ def _load_mlx_vlm(path: Path, config: dict, trust_remote_code: bool):
     from mlx_vlm.utils import (get_model_and_args, load_image_processor, load_model,
                                load_processor)
 
+    if config.get("model_file") and not trust_remote_code:
+        raise BurnishError(f"{path / 'config.json'}: field 'model_file' names model code in "
+                           "the checkpoint; pass trust_remote_code=True to run it")
     try:
         get_model_and_args(config, model_path=path)
     except (ValueError, KeyError):
