@@ -195,3 +195,27 @@ def test_chunked_never_holds_full_float32_logits():
     assert full > N * V * 4  # the whole float32 logits existed
     # MLX keeps ~10 operations in flight, so a few chunks coexist, not all 64
     assert chunked < 0.25 * N * V * 4
+
+
+@pytest.mark.parametrize("chunk", [0, 8])
+def test_head_on_trained_positions_only_equals_full(models, chunk):
+    from burnish import data
+
+    model = models["llama"]
+    rng = np.random.default_rng(0)
+    V = model.args.vocab_size
+    examples = [data.Example(tokens=rng.integers(0, V, n).tolist(),
+                             weights=[0] * (n // 2) + [1] * (n - n // 2)) for n in (30, 45, 12)]
+    full = data.make_batch(examples, [0, 1, 2])
+    gathered = data.make_batch(examples, [0, 1, 2], gather_multiple=16)
+    assert gathered.index.shape[0] % 16 == 0 and gathered.index.shape[0] < full.inputs.size
+    assert gathered.index.shape[0] >= full.n_tokens
+    results = []
+    for batch in (full, gathered):
+        fn = lambda m: losses.loss_and_count(m, batch, chunk_size=chunk)[0]
+        loss, grads = nn.value_and_grad(model, fn)(model)
+        results.append((loss.item(), dict(tree_flatten(grads))))
+    (a, ga), (b, gb) = results
+    assert b == pytest.approx(a, rel=1e-6)
+    for k in ga:
+        np.testing.assert_allclose(np.array(gb[k]), np.array(ga[k]), rtol=1e-5, atol=1e-5, err_msg=k)

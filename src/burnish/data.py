@@ -397,6 +397,10 @@ class Batch:
     weights: "mx.array"  # (B, L) float32 0/1
     segments: Optional["mx.array"]  # (B, L) int32 document id per position (packed only)
     n_tokens: int  # trained target tokens in this batch
+    # Optional (K,) int32 flat positions (into B*L) of the trained targets,
+    # padded with untrained positions to a multiple of `gather_multiple`:
+    # the loss then runs the output head on these K positions only.
+    index: Optional["mx.array"] = None
 
 
 def _rng(seed, epoch):
@@ -457,8 +461,15 @@ def batch_plan(examples, batch_size, seed=0, packing=False, max_seq_length=2048,
     return [[int(i) for i in b] for b in batches]
 
 
-def make_batch(examples, plan_entry, pad_to_multiple=32, packing=False, pad_id=0) -> Batch:
-    """Pad one plan entry into arrays; the length is a multiple of pad_to_multiple."""
+def make_batch(examples, plan_entry, pad_to_multiple=32, packing=False, pad_id=0,
+               gather_multiple=0) -> Batch:
+    """Pad one plan entry into arrays; the length is a multiple of pad_to_multiple.
+
+    gather_multiple > 0 also lists the trained positions (`Batch.index`),
+    rounded up to that multiple, so that the loss skips the output head on
+    prompt and padding positions. Each new count is a new shape for
+    `mx.compile`: a coarse multiple keeps recompilation rare.
+    """
     import mlx.core as mx
 
     rows = plan_entry if packing else [[i] for i in plan_entry]
@@ -486,24 +497,35 @@ def make_batch(examples, plan_entry, pad_to_multiple=32, packing=False, pad_id=0
         targets[b, :n] = toks[1:]
         weights[b, :n] = wts[1:]
         segments[b, :n] = segs[:-1]
+    index = None
+    if gather_multiple:
+        flat = weights.reshape(-1)
+        trained = np.flatnonzero(flat)
+        k = -(-len(trained) // gather_multiple) * gather_multiple
+        if k >= flat.size:
+            index = np.arange(flat.size)
+        else:
+            index = np.concatenate([trained, np.flatnonzero(flat == 0)[: k - len(trained)]])
+        index = mx.array(np.sort(index).astype(np.int32))
     return Batch(
         inputs=mx.array(inputs),
         targets=mx.array(targets),
         weights=mx.array(weights),
         segments=mx.array(segments) if packing else None,
         n_tokens=int(weights.sum()),
+        index=index,
     )
 
 
 def iterate_batches(examples, batch_size, *, seed=0, epoch=0, start=0, packing=False,
                     max_seq_length=2048, pad_to_multiple=32, shuffle=True,
-                    pad_id=0) -> Iterator[Batch]:
+                    pad_id=0, gather_multiple=0) -> Iterator[Batch]:
     """Batches of one epoch from plan position `start` on (for exact resume)."""
     plan = batch_plan(examples, batch_size, seed=seed, packing=packing,
                       max_seq_length=max_seq_length, shuffle=shuffle, epoch=epoch)
     for entry in plan[start:]:
         yield make_batch(examples, entry, pad_to_multiple=pad_to_multiple,
-                         packing=packing, pad_id=pad_id)
+                         packing=packing, pad_id=pad_id, gather_multiple=gather_multiple)
 
 
 # --------------------------------------------------------------------------

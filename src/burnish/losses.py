@@ -213,7 +213,8 @@ def loss_and_count(model, batch, chunk_size=None, training=True):
     chunk_size: tokens per head chunk; None chunks only when the full float32
     logits would exceed 2**27 elements (512 MB), in chunks of about 2**24
     elements; 0 never chunks. Packed batches (segments not None) run with
-    block-diagonal masks. training=False skips the fused gradient work of
+    block-diagonal masks; with `batch.index` the head runs only on the
+    listed (trained) positions. training=False skips the fused gradient work of
     the chunked path (for evaluation).
     """
     from .data import packed_caches
@@ -224,15 +225,20 @@ def loss_and_count(model, batch, chunk_size=None, training=True):
         cache = packed_caches(model, batch.segments)
     hidden = body(batch.inputs, cache)
     count = batch.weights.astype(mx.float32).sum()
+    targets, weights = batch.targets, batch.weights
+    index = getattr(batch, "index", None)
+    if index is not None:  # the head only where something is trained
+        hidden = hidden.reshape(-1, hidden.shape[-1])[index]
+        targets, weights = targets.reshape(-1)[index], weights.reshape(-1)[index]
     if chunk_size is None:
         V = _vocab_size(model, head)
-        n = batch.inputs.size
+        n = targets.size
         chunk_size = max(128, (2**24) // V) if V and n * V > 2**27 else 0
     if chunk_size:
-        loss = chunked_cross_entropy_sum(hidden, head, batch.targets, batch.weights,
+        loss = chunked_cross_entropy_sum(hidden, head, targets, weights,
                                          chunk_size, with_grad=training)
     else:
-        loss = cross_entropy_sum(head(hidden), batch.targets, batch.weights)
+        loss = cross_entropy_sum(head(hidden), targets, weights)
     return loss, count
 
 
