@@ -376,3 +376,29 @@ def test_packing_refuses_absolute_positions():
     model = model_class(args_class.from_dict(config))
     with pytest.raises(BurnishError, match="packing is not supported for gpt2"):
         data.packed_caches(model, mx.zeros((1, 32), mx.int32))
+
+
+def test_errors_use_the_source_name_for_lists_read_by_load_rows(tokenizers):
+    rows = data.load_rows([{"text": "a"}, {"x": 1}])
+    with pytest.raises(BurnishError, match=r"^train_dataset\[1\]: row has none"):
+        data.format_examples(rows, tokenizers["chatml"], source_name="train_dataset")
+
+
+WORDS = st.sampled_from(["the", "quick", "fox", "two", "plus", "is", "five", "?", ".", ",",
+                         " ", "\n", "zorbia", "42", "é", "hello world"])
+CONTENT = st.builds(lambda first, rest: first + "".join(rest),
+                    st.sampled_from(["the", "two", "hello", "42", "Zorbia"]),
+                    st.lists(WORDS, max_size=12))
+
+
+@settings(max_examples=30, deadline=None)
+@given(turns=st.lists(st.tuples(CONTENT, CONTENT), min_size=1, max_size=3),
+       system=st.booleans(), name=st.sampled_from(["chatml", "llama3"]))
+def test_assistant_masks_for_random_chats(tokenizers, turns, system, name):
+    tok = tokenizers[name]
+    messages = [{"role": "system", "content": "be nice"}] if system else []
+    for user, assistant in turns:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    (ex,) = data.format_examples([{"messages": messages}], tok)
+    clean = (lambda s: s.strip()) if name == "llama3" else (lambda s: s)  # llama3 template trims
+    assert trained_runs(tok, ex) == [clean(a) + END_OF_TURN[name] for _, a in turns]

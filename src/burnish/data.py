@@ -343,7 +343,7 @@ def format_examples(rows, tokenizer, max_seq_length=2048, completion_only_loss=N
     template). `completion_only_loss=None` trains only the completion /
     assistant tokens for the last two; False trains every token.
     """
-    if not isinstance(rows, Rows):
+    if not isinstance(rows, Rows) or (rows.lines is None and rows.source == "<list>"):
         rows = Rows(rows, source=source_name)
     hf = _hf(tokenizer)
     examples, truncated, cut_away, untrained, text_rows = [], 0, 0, 0, 0
