@@ -488,7 +488,7 @@ def make_batch(examples, plan_entry, pad_to_multiple=32, packing=False, pad_id=0
     length = max(m, -(-length // m) * m)
     B = len(seqs)
     inputs = np.full((B, length), pad_id, dtype=np.int32)
-    targets = np.full((B, length), pad_id, dtype=np.int32)
+    targets = np.zeros((B, length), dtype=np.int32)  # 0: a valid index even if pad_id is not
     weights = np.zeros((B, length), dtype=np.float32)
     segments = np.zeros((B, length), dtype=np.int32)
     for b, (toks, wts, segs) in enumerate(seqs):
