@@ -217,6 +217,15 @@ def get_peft_model(
         )
     _select_keys(blocks, target_modules)  # unknown names are an error anywhere
     keys = _select_keys(blocks[-n:], target_modules)
+    if use_dora:
+        for block in blocks[-n:]:
+            for path, module in block.named_modules():
+                if path in keys and not isinstance(module, _LINEAR_TYPES):
+                    raise BurnishError(
+                        f"get_peft_model: use_dora=True: {path} is a "
+                        f"{type(module).__name__}; DoRA supports Linear layers only "
+                        "(leave it out of target_modules)"
+                    )
     scale = lora_alpha / (math.sqrt(r) if use_rslora else r)
 
     from mlx_lm.tuner.utils import linear_to_lora_layers

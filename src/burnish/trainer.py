@@ -181,12 +181,18 @@ class Trainer:
     `on_train_end(trainer, metrics)`.
     `master_weights=False` turns off the float32 master weights of full
     fine-tuning (updates then happen in the weights' own dtype, as stock
-    mlx-lm does; for comparisons). `compile=False` runs the step eagerly.
+    mlx-lm does; for comparisons).
+
+    `compile`: run the step through `mx.compile` (falling back to eager if
+    tracing fails). The default, None, compiles on GPUs only: MLX's CPU
+    backend builds every fused kernel with a C++ compiler on first use
+    (measured: a 2-step LoRA run of a 2-layer tiny model took 85 s with a
+    cold kernel cache, under 1 s eagerly; the cache lives in $TMPDIR/mlx).
     """
 
     def __init__(self, model, tokenizer, train_dataset, eval_dataset=None,
                  config: TrainingConfig | None = None, *, args: TrainingConfig | None = None,
-                 callbacks=(), compile: bool = True, master_weights: bool = True,
+                 callbacks=(), compile: bool | None = None, master_weights: bool = True,
                  progress: bool | None = None):
         if config is not None and args is not None:
             raise BurnishError("Trainer: pass config= or args=, not both")
@@ -197,7 +203,7 @@ class Trainer:
         self.tokenizer = tokenizer
         self.config = config
         self.callbacks = list(callbacks)
-        self.compile = compile
+        self.compile = (mx.default_device() == mx.gpu) if compile is None else bool(compile)
         self.master_weights = master_weights
         self.progress = progress
         self.train_examples = self._examples(train_dataset, "train")
@@ -295,10 +301,12 @@ class Trainer:
         self.optimizer.init(target)
         self._grad_dtype = mx.float32 if (self.master is not None or not low) else None
         self._value_and_grad = nn.value_and_grad(model, self._loss)
-        self._state = [model.state, self.optimizer.state, mx.random.state]
+        self._state = [model.state, self.optimizer.state]
         if self.master is not None:
             self._state.append(self.master)
+        self._state.append(mx.random.state)
         self._eager_step = self._step
+        self._compile_ok = False
         self._compiled_step = (mx.compile(self._step, inputs=self._state, outputs=self._state)
                                if self.compile else None)
 
@@ -338,8 +346,8 @@ class Trainer:
         snapshot = self._snapshot() if not getattr(self, "_compile_ok", False) else None
         try:
             out = self._compiled_step(*args)
-            if snapshot is not None:
-                mx.eval(out)
+            if snapshot is not None:  # surface trace failures here, not later
+                mx.eval(out, self._state)
             self._compile_ok = True
             return out
         except Exception as exc:  # noqa: BLE001 - fall back once, then re-raise
@@ -352,13 +360,18 @@ class Trainer:
             return self._eager_step(*args)
 
     def _snapshot(self):
-        return [tree_flatten(s) for s in self._state]
+        # model parameters, optimizer state, masters (not the random state)
+        return [tree_flatten(self.model.parameters()), tree_flatten(self.optimizer.state),
+                tree_flatten(self.master) if self.master is not None else []]
 
     def _restore(self, snapshot):
-        self.model.update(tree_unflatten([kv for kv in snapshot[0] if kv[0] in
-                                          dict(tree_flatten(self.model.parameters()))]))
-        for container, flat in zip(self._state[1:], snapshot[1:]):
-            _assign(container, tree_unflatten(flat) if flat else {})
+        """Undo a failed trace: it may leave placeholders in the state."""
+        self.model.update(tree_unflatten(snapshot[0]))
+        _assign(self.optimizer.state, tree_unflatten(snapshot[1]))
+        if self.master is not None:
+            _assign(self.master, tree_unflatten(snapshot[2]))
+        # mx.random.state cannot be assigned: reseed it deterministically.
+        mx.random.seed(self.config.seed + self.state.step)
 
     # --- the loop ------------------------------------------------------------
 
