@@ -294,9 +294,9 @@ def test_compile_falls_back_to_eager(model_factory, tmp_path):
     # Tracing fails before any kernel is built, so this is cheap on CPU too.
     (eager, pe), (fallback, pf) = _compiled_vs_eager(
         model_factory("llama", dtype=mx.float32), tmp_path, ("eager", "fallback"))
-    assert fallback == pytest.approx(eager, abs=1e-6)
+    assert fallback == pytest.approx(eager, abs=1e-5)
     for k, v in pe.items():
-        assert mx.allclose(v, pf[k], atol=1e-6).item(), k
+        assert mx.allclose(v, pf[k], atol=1e-5).item(), k
 
 
 # On CPU, MLX builds each fused kernel of a compiled graph with a C++ compiler

@@ -204,6 +204,10 @@ class Trainer:
         self.config = config
         self.callbacks = list(callbacks)
         self.compile = (mx.default_device() == mx.gpu) if compile is None else bool(compile)
+        # Run the output head on trained positions only (prompt and padding
+        # skipped), listed in multiples of this; each new count is a new
+        # shape for mx.compile, so the compiled step does without.
+        self.gather_multiple = 0 if self.compile else 32
         self.master_weights = master_weights
         self.progress = progress
         self.train_examples = self._examples(train_dataset, "train")
@@ -253,7 +257,8 @@ class Trainer:
             for i, batch in enumerate(iterate_batches(
                     self.train_examples, c.per_device_train_batch_size, seed=c.seed,
                     epoch=epoch, start=start, packing=c.packing,
-                    max_seq_length=c.max_seq_length, pad_id=self._pad_id()), start=start):
+                    max_seq_length=c.max_seq_length, pad_id=self._pad_id(),
+                    gather_multiple=self.gather_multiple), start=start):
                 yield batch, epoch, i
             epoch, start = epoch + 1, 0
 
@@ -310,10 +315,10 @@ class Trainer:
         self._compiled_step = (mx.compile(self._step, inputs=self._state, outputs=self._state)
                                if self.compile else None)
 
-    def _step(self, inputs, targets, weights, segments, scale, acc, update):
+    def _step(self, inputs, targets, weights, segments, index, scale, acc, update):
         from .data import Batch
 
-        batch = Batch(inputs, targets, weights, segments, 0)
+        batch = Batch(inputs, targets, weights, segments, 0, index=index)
         (_, (total, count)), grads = self._value_and_grad(self.model, batch, scale)
         if self._grad_dtype is not None:
             grads = tree_map(lambda g: g.astype(self._grad_dtype), grads)
@@ -340,7 +345,7 @@ class Trainer:
 
     def _run_step(self, batch, scale, acc, update):
         args = (batch.inputs, batch.targets, batch.weights, batch.segments,
-                scale, acc, update)
+                batch.index, scale, acc, update)
         if self._compiled_step is None:
             return self._eager_step(*args)
         snapshot = self._snapshot() if not getattr(self, "_compile_ok", False) else None
@@ -407,7 +412,8 @@ class Trainer:
         st = self.state
         out_dir = Path(c.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        metrics_file = open(out_dir / "metrics.jsonl", "a")
+        # a fresh run starts the file; a resumed one (step > 0) appends to it
+        metrics_file = open(out_dir / "metrics.jsonl", "a" if st.step else "w")
         total = self.total_steps
         mx.reset_peak_memory()
         stream = self._micro_batches()
@@ -515,8 +521,9 @@ class Trainer:
                 for batch in iterate_batches(self.eval_examples, c.per_device_train_batch_size,
                                              seed=c.seed, epoch=0, packing=c.packing,
                                              max_seq_length=c.max_seq_length, shuffle=False,
-                                             pad_id=self._pad_id()):
-                    loss_sum, _ = loss_and_count(model, batch)
+                                             pad_id=self._pad_id(),
+                                             gather_multiple=self.gather_multiple):
+                    loss_sum, _ = loss_and_count(model, batch, training=False)
                     total = total + loss_sum
                     count += batch.n_tokens
                     mx.eval(total)
