@@ -90,6 +90,8 @@ def _timed(models, image, tokens, rounds_offset=0):
     """Speed, all variants at once: their streams advance in turn, one step
     each per round (the first variant rotating), and each step is timed to
     completion. Load from other processes then hits every variant alike."""
+    from mlx_vlm.generate import generation_stream
+
     names = list(models)
     streams = {n: _stream(n, *models[n], image, tokens) for n in names}
     steps = {n: [] for n in names}
@@ -100,20 +102,26 @@ def _timed(models, image, tokens, rounds_offset=0):
         for name in active[k:] + active[:k]:
             start = time.perf_counter()
             chunk = next(streams[name], None)
-            mx.synchronize()
+            # mlx-vlm computes the next token ahead on its own stream
+            mx.synchronize(generation_stream)
             if chunk is None:
                 active.remove(name)
                 continue
-            steps[name].append(time.perf_counter() - start)
+            steps[name].append((time.perf_counter() - start, chunk.generation_tokens))
             last[name] = chunk
         r += 1
     out = {}
     for name in names:
-        first, rest = steps[name][0], sum(steps[name][1:])
+        # A stream step may cover several tokens (burnish holds back chunks
+        # with no text), so decode speed counts the tokens after the first
+        # step over the time after it. Prefill speed is mlx-vlm's own
+        # measure (prompt to first token), taken inside the first step.
+        (t0, n0), rest = steps[name][0], steps[name][1:]
+        done = last[name].generation_tokens
         out[name] = {"prompt_tokens": last[name].prompt_tokens,
-                     "generation_tokens": last[name].generation_tokens,
-                     "prefill_tps": last[name].prompt_tokens / first,
-                     "decode_tps": (last[name].generation_tokens - 1) / rest}
+                     "generation_tokens": done,
+                     "prefill_tps": last[name].prompt_tps,
+                     "decode_tps": (done - n0) / sum(t for t, _ in rest) if rest else 0.0}
     return out
 
 
@@ -192,8 +200,8 @@ def run(args) -> dict:
             f"{VISION['depth']} blocks); one {IMAGE_SIZE}x{IMAGE_SIZE} image, "
             f"{prompt_tokens}-token prompt, {tokens} greedy tokens. Speed: the three "
             "generations advance in turn, one token each, every step timed to completion "
-            f"(median of {reps} such run(s)); prefill includes image preprocessing and the "
-            "vision tower. Peak memory: weights + MLX peak allocation in a separate run of "
+            f"(median of {reps} such run(s)); prefill (vision tower included) as mlx-vlm "
+            "measures it. Peak memory: weights + MLX peak allocation in a separate run of "
             "each. 'norm output': the dtype the final norm returns for bf16 input."),
         "columns": ["model", "prefill tok/s", "vs stock", "decode tok/s", "vs stock",
                     "peak MB", "vs stock", "norm output", "same text as stock"],

@@ -344,13 +344,14 @@ def stream_generate_vision(model, processor, prompt, images=None, max_new_tokens
             out, safe, finish = kept, len(kept), "stop"
         elif finish is not None:
             safe = len(out)
-        if safe > emitted or finish is not None:
-            yield GenerationChunk(
-                text=out[emitted:safe], token=None if r.token is None else int(r.token),
-                prompt_tokens=r.prompt_tokens, prompt_tps=r.prompt_tps,
-                generation_tokens=r.generation_tokens, generation_tps=r.generation_tps,
-                peak_memory=r.peak_memory, finish_reason=finish)
-            emitted = safe
+        # One chunk per token, as mlx-vlm streams (its text may be empty while
+        # the detokenizer or a possible stop string holds text back).
+        yield GenerationChunk(
+            text=out[emitted:safe], token=None if r.token is None else int(r.token),
+            prompt_tokens=r.prompt_tokens, prompt_tps=r.prompt_tps,
+            generation_tokens=r.generation_tokens, generation_tps=r.generation_tps,
+            peak_memory=r.peak_memory, finish_reason=finish)
+        emitted = safe
         if finish is not None:
             return
 
@@ -483,7 +484,10 @@ def build_vlm_example(processor, messages, images=None, completion_only: bool = 
                 n = images_before(upto)
                 part = format_prompt(model, processor, prompt[:upto], n,
                                      add_generation_prompt=gen)
-                part_ids = _ids(_encode(processor, config, part, pictures[:n]))
+                # (the processor runs again on the images of the prefix: the
+                # number of image tokens depends on them)
+                part_ids = ids if part == text else _ids(
+                    _encode(processor, config, part, pictures[:n]))
                 if ids[:len(part_ids)] != part_ids:
                     raise BurnishError(
                         f"messages[{i}]: the chat template renders the conversation up to "
