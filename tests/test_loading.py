@@ -185,3 +185,13 @@ def test_cli_bad_input_one_line(model_factory, tmp_path, case):
     assert "Traceback" not in proc.stderr
     assert len(lines) == 1 and lines[0].startswith("burnish: error:"), proc.stderr
     assert message.split(":")[-1].strip() in lines[0]
+
+
+def test_loaded_model_is_picklable(model_factory):
+    import copy
+    import pickle
+
+    model, _ = FastModel.from_pretrained(model_factory("llama", mx.bfloat16))
+    clone = pickle.loads(pickle.dumps(model))
+    assert clone._burnish.param_dtypes == model._burnish.param_dtypes
+    assert copy.deepcopy(model)._burnish.model_type == "llama"

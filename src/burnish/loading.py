@@ -57,6 +57,19 @@ class LoadInfo:
     is_vision: bool = False
     param_dtypes: dict = field(default_factory=dict)  # path -> checkpoint dtype
 
+    # mx.Dtype objects do not pickle: store their names so that models stay
+    # picklable / deep-copyable.
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["param_dtypes"] = {k: str(v).split(".")[-1]
+                                 for k, v in self.param_dtypes.items()}
+        return state
+
+    def __setstate__(self, state):
+        state["param_dtypes"] = {k: getattr(mx, v)
+                                 for k, v in state["param_dtypes"].items()}
+        self.__dict__.update(state)
+
 
 def parse_dtype(dtype) -> mx.Dtype | None:
     if dtype is None or isinstance(dtype, mx.Dtype):
