@@ -23,9 +23,8 @@ import json
 import math
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
-from functools import partial
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -161,6 +160,10 @@ def _assign(dst, src):
                 _assign(dst[i], v)
             else:
                 dst[i] = v
+
+
+def _memory(gb: float) -> str:
+    return f"{gb:.2f}GB" if gb >= 1 else f"{gb * 1e3:.0f}MB"
 
 
 def _global_norm(grads):
@@ -441,7 +444,6 @@ class Trainer:
                 st.tokens += n_window
                 log_tokens += n_window
                 self._call("on_step_end", self, st.step)
-                bar.update(1)
                 if st.step % c.logging_steps == 0 or st.step == total:
                     now = time.perf_counter()
                     st.train_time += now - tic
@@ -450,7 +452,7 @@ class Trainer:
                     self._write(metrics_file, logs)
                     bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['learning_rate']:.2e}",
                                     tok_s=f"{logs['tokens_per_sec']:.0f}",
-                                    mem=f"{logs['peak_memory_gb']:.2f}GB", refresh=False)
+                                    mem=_memory(logs["peak_memory_gb"]), refresh=False)
                     self._call("on_log", self, logs)
                     if c.eval_steps and self.eval_examples and st.step % c.eval_steps == 0:
                         self._write(metrics_file, {"step": st.step, **self.evaluate()})
@@ -459,6 +461,7 @@ class Trainer:
                     st.train_time += time.perf_counter() - tic
                     self._write(metrics_file, {"step": st.step, **self.evaluate()})
                     tic = time.perf_counter()
+                bar.update(1)
         finally:
             bar.close()
             metrics_file.close()
