@@ -377,3 +377,14 @@ def test_metrics_plot_and_evaluate(model_factory, tmp_path):
             tr.eval_examples, 1, seed=0, epoch=0, shuffle=False)]
     manual = sum(s.item() for s, _ in parts) / sum(n.item() for _, n in parts)
     assert result["eval_loss"] == pytest.approx(manual, abs=1e-5)
+
+
+def test_rng_key_round_trip():
+    from burnish.trainer import rng_key, set_rng_key
+
+    mx.random.seed(7)
+    mx.random.normal((3,))
+    key = rng_key()
+    a = mx.random.normal((4,))
+    set_rng_key(key)
+    assert mx.array_equal(mx.random.normal((4,)), a).item()

@@ -162,6 +162,18 @@ def _assign(dst, src):
                 dst[i] = v
 
 
+def rng_key() -> int:
+    """MLX's global random key as one integer (for checkpoints)."""
+    hi, lo = mx.random.state[0].tolist()
+    return (hi << 32) | lo
+
+
+def set_rng_key(key: int) -> None:
+    """Restore a key from `rng_key` (`mx.random.state` cannot be assigned;
+    `mx.random.seed(s)` sets the key to (s >> 32, s & 0xffffffff))."""
+    mx.random.seed(int(key))
+
+
 def _memory(gb: float) -> str:
     return f"{gb:.2f}GB" if gb >= 1 else f"{gb * 1e3:.0f}MB"
 
@@ -370,7 +382,7 @@ class Trainer:
     def _snapshot(self):
         # model parameters, optimizer state, masters (not the random state)
         return [tree_flatten(self.model.parameters()), tree_flatten(self.optimizer.state),
-                tree_flatten(self.master) if self.master is not None else []]
+                tree_flatten(self.master) if self.master is not None else [], rng_key()]
 
     def _restore(self, snapshot):
         """Undo a failed trace: it may leave placeholders in the state."""
@@ -378,8 +390,7 @@ class Trainer:
         _assign(self.optimizer.state, tree_unflatten(snapshot[1]))
         if self.master is not None:
             _assign(self.master, tree_unflatten(snapshot[2]))
-        # mx.random.state cannot be assigned: reseed it deterministically.
-        mx.random.seed(self.config.seed + self.state.step)
+        set_rng_key(snapshot[3])
 
     # --- the loop ------------------------------------------------------------
 
