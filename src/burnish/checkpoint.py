@@ -5,9 +5,9 @@
     trainable.safetensors   the trainable parameters as the model holds them
     master.safetensors      float32 master weights (full fine-tuning of bf16/fp16)
     optimizer.safetensors   optimizer state (moments, step, learning rate)
-    rng.safetensors         MLX's random state (dropout)
     trainer_state.json      step, epoch and position in the epoch's batch plan,
-                            pending log sums, the TrainingConfig
+                            pending log sums, MLX's random key (dropout),
+                            the TrainingConfig
     adapter_config.json     for adapters: the checkpoint is also an mlx-lm
                             adapter folder (`adapters.safetensors`)
 
@@ -67,8 +67,6 @@ def save_checkpoint(output_dir, *, step: int, trainable, optimizer_state, master
     with atomic_directory(path) as tmp:
         _save_tree(tmp / "trainable.safetensors", trainable)
         _save_tree(tmp / "optimizer.safetensors", optimizer_state)
-        mx.save_safetensors(str(tmp / "rng.safetensors"),
-                            {f"state.{i}": s for i, s in enumerate(mx.random.state)})
         if master is not None:
             _save_tree(tmp / "master.safetensors", master)
         if adapter_config is not None:
@@ -102,13 +100,11 @@ def read_checkpoint(path) -> dict:
     if meta.get("format_version") != FORMAT_VERSION:
         raise BurnishError(f"{path / STATE_FILE}: unsupported checkpoint format "
                            f"{meta.get('format_version')!r}")
-    rng = mx.load(str(path / "rng.safetensors"))
     return {
         "trainable": _load_tree(path / "trainable.safetensors"),
         "optimizer": _load_tree(path / "optimizer.safetensors"),
         "master": (_load_tree(path / "master.safetensors")
                    if (path / "master.safetensors").exists() else None),
-        "rng": [rng[f"state.{i}"] for i in range(len(rng))],
         "state": meta["state"],
         "config": meta["config"],
     }

@@ -124,7 +124,7 @@ def main(argv=None) -> int:
         return args.func(args)
     except BurnishError as exc:
         print(f"burnish: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return getattr(exc, "exit_code", EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("burnish: interrupted", file=sys.stderr)
         return 130

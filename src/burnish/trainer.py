@@ -24,7 +24,7 @@ import math
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import mlx.core as mx
@@ -142,7 +142,24 @@ class TrainerState:
     train_time: float = 0.0  # seconds spent in training steps
     loss_sum: float = 0.0  # summed token losses up to the last log
     loss_tokens: int = 0  # tokens in loss_sum
+    pending_loss_sum: float = 0.0  # loss since the last log (kept by checkpoints)
+    pending_loss_tokens: int = 0
+    rng_key: int | None = None  # MLX's random key when the checkpoint was taken
     log_history: list = field(default_factory=list)
+
+
+class TrainingInterrupted(BurnishError):
+    """Training stopped by SIGINT/SIGTERM after saving a checkpoint."""
+
+    def __init__(self, signum: int, checkpoint):
+        import signal as _signal
+
+        self.signum = signum
+        self.checkpoint = checkpoint
+        self.exit_code = 128 + signum
+        super().__init__(f"training stopped by {_signal.Signals(signum).name}; "
+                         f"checkpoint saved to {checkpoint} (resume with "
+                         "resume_from_checkpoint=True)")
 
 
 def _assign(dst, src):
@@ -394,8 +411,15 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------
 
-    def train(self) -> dict:
-        """Train for `max_steps` (or `num_train_epochs`); return final metrics."""
+    def train(self, resume_from_checkpoint=None) -> dict:
+        """Train for `max_steps` (or `num_train_epochs`); return final metrics.
+
+        `resume_from_checkpoint`: True (the latest `checkpoint-*` in
+        `output_dir`, if any) or a checkpoint folder; training then continues
+        exactly where that checkpoint was taken. SIGINT / SIGTERM save a
+        checkpoint and raise `TrainingInterrupted`.
+        """
+        from .checkpoint import resolve_resume
         from .peft import disable_gradient_checkpointing, enable_gradient_checkpointing
         from .precision import training_precision
 
@@ -404,10 +428,10 @@ class Trainer:
         was_training = model.training
         added = []
         self.state = TrainerState()
+        self._stop = None
         mx.random.seed(c.seed)
-        if c.save_steps:
-            warnings.warn("TrainingConfig.save_steps: checkpoints are not written yet "
-                          "(coming with checkpoint/resume); ignored", stacklevel=2)
+        resume = resolve_resume(resume_from_checkpoint, c.output_dir)
+        previous = self._install_signal_handlers()
         try:
             if c.gradient_checkpointing:
                 added = enable_gradient_checkpointing(model)
@@ -415,11 +439,81 @@ class Trainer:
                 self._in_scope = True
                 model.train()
                 self._setup()
+                if resume is not None:
+                    self._load_checkpoint(resume)
                 return self._loop()
         finally:
+            self._restore_signal_handlers(previous)
             self._in_scope = False
             disable_gradient_checkpointing(model, added)
             model.train(was_training)
+
+    def request_stop(self) -> None:
+        """Stop after the current step, writing a checkpoint first (for callbacks)."""
+        self._stop = "request"
+
+    # --- checkpoints and signals ---------------------------------------------
+
+    def _install_signal_handlers(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return None  # signal handlers can only be set from the main thread
+
+        def handler(signum, frame):
+            self._stop = signum
+
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    @staticmethod
+    def _restore_signal_handlers(previous):
+        import signal
+
+        for sig, old in (previous or {}).items():
+            signal.signal(sig, old)
+
+    def save_checkpoint(self, log_sum=None, log_tokens: int = 0):
+        """Write `output_dir/checkpoint-<step>/` atomically; returns its path."""
+        from .checkpoint import save_checkpoint
+        from .export import adapter_weights
+        from .peft import peft_config
+
+        st = self.state
+        st.pending_loss_sum = float(log_sum.item()) if log_sum is not None else 0.0
+        st.pending_loss_tokens = log_tokens
+        st.rng_key = rng_key()
+        peft = peft_config(self.model)
+        return save_checkpoint(
+            self.config.output_dir, step=st.step,
+            trainable=self.model.trainable_parameters(),
+            optimizer_state=self.optimizer.state, master=self.master,
+            trainer_state=asdict(st), config=self.config.to_dict(),
+            adapter_config=peft.adapter_config() if peft else None,
+            adapter_weights=adapter_weights(self.model) if peft else None,
+            save_total_limit=self.config.save_total_limit)
+
+    def _load_checkpoint(self, path):
+        from .checkpoint import read_checkpoint
+
+        saved = read_checkpoint(path)
+        trainable = dict(tree_flatten(self.model.trainable_parameters()))
+        loaded = dict(tree_flatten(saved["trainable"]))
+        if set(loaded) != set(trainable):
+            missing = sorted(set(trainable) ^ set(loaded))[:3]
+            raise BurnishError(f"{path}: checkpoint does not match the model's "
+                               f"trainable parameters (e.g. {', '.join(missing)})")
+        self.model.update(tree_unflatten(list(loaded.items())))
+        _assign(self.optimizer.state, saved["optimizer"])
+        if self.master is not None:
+            if saved["master"] is None:
+                raise BurnishError(f"{path}: checkpoint has no float32 master weights")
+            _assign(self.master, saved["master"])
+        known = {f.name for f in fields(TrainerState)}
+        self.state = TrainerState(**{k: v for k, v in saved["state"].items() if k in known})
+        if self.state.rng_key is not None:
+            set_rng_key(self.state.rng_key)
+        mx.eval(self._state)
 
     def _loop(self) -> dict:
         c = self.config
@@ -433,7 +527,8 @@ class Trainer:
         stream = self._micro_batches()
         bar = self._bar(total)
         self._call("on_train_begin", self)
-        log_sum, log_tokens, norm = mx.array(0.0, mx.float32), 0, None
+        log_sum = mx.array(st.pending_loss_sum, mx.float32)
+        log_tokens, norm = st.pending_loss_tokens, None
         tic = time.perf_counter()
         try:
             while st.step < total:
@@ -473,6 +568,13 @@ class Trainer:
                     self._write(metrics_file, {"step": st.step, **self.evaluate()})
                     tic = time.perf_counter()
                 bar.update(1)
+                stop = self._stop
+                if stop is not None or (c.save_steps and st.step % c.save_steps == 0):
+                    saved = self.save_checkpoint(log_sum, log_tokens)
+                    if isinstance(stop, int):
+                        raise TrainingInterrupted(stop, saved)
+                    if stop is not None:
+                        break
         finally:
             bar.close()
             metrics_file.close()
