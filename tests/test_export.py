@@ -112,3 +112,25 @@ def test_save_adapters_needs_adapters(model_factory, tmp_path):
     model, _ = burnish.FastModel.from_pretrained(model_factory("llama", mx.bfloat16))
     with pytest.raises(BurnishError, match="no adapters"):
         save_adapters(model, tmp_path / "a")
+
+
+def test_cli_export_merged_and_gguf(model_factory, tmp_path):
+    import subprocess
+    import sys
+
+    base = model_factory("llama", mx.bfloat16)
+    model, tok = adapted(base)
+    save_adapters(model, tmp_path / "ad")
+    proc = subprocess.run([sys.executable, "-m", "burnish.cli", "export", "--model",
+                           str(base), "--adapters", str(tmp_path / "ad"), "--out",
+                           str(tmp_path / "merged"), "--gguf", str(tmp_path / "m.gguf")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "m.gguf").read_bytes()[:4] == b"GGUF"
+    stock, _ = mlx_load(str(tmp_path / "merged"))
+    assert {v.dtype for _, v in tree_flatten(stock.parameters())} == {mx.bfloat16}
+    proc = subprocess.run([sys.executable, "-m", "burnish.cli", "export", "--model",
+                           str(base), "--adapters", str(tmp_path / "nope"), "--out",
+                           str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("burnish: error:") and "nope" in proc.stderr

@@ -84,3 +84,22 @@ def test_cli_train_errors_exit_2_one_line(model_factory, tmp_path, case):
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("burnish: error:"), proc.stderr
     assert "run.yaml:" in lines[0]
+
+
+def test_cli_train_end_to_end(model_factory, tmp_path):
+    from mlx_lm import load as mlx_load
+
+    base = model_factory("llama", mx.float32)
+    path = write_config(tmp_path, base)
+    proc = subprocess.run([sys.executable, "-m", "burnish.cli", "train", str(path),
+                           "--training.max_steps", "4", "--training.save_steps", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out"
+    assert "steps=4" in proc.stdout
+    assert (out / "adapters" / "adapters.safetensors").exists()
+    assert (out / "checkpoint-4").is_dir() and (out / "loss.png").exists()
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    model, _ = mlx_load(str(base), adapter_path=str(out / "adapters"))
+    assert model(mx.array([[1, 2, 3]])).shape == (1, 3, 384)
