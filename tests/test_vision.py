@@ -153,6 +153,7 @@ def test_greedy_generation_equals_stock_mlx_vlm(arch, vlm, loaded):
                                                             stock.generation_tokens)
     assert last.finish_reason == stock.finish_reason
     assert last.prompt_tps > 0 and last.generation_tps > 0 and last.peak_memory > 0
+    assert sorted({c.generation_tokens for c in chunks}) == list(range(1, 13))  # per token
     # The same image given as a PIL image, in a message part, gives the same.
     messages = [{"role": "user", "content": [
         {"type": "image", "image": vlm_tiny.image()}, {"type": "text", "text": PROMPT}]}]
