@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
 from contextlib import nullcontext
@@ -31,6 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from . import distributed as dist
 from . import optim as opt
 from .errors import BurnishError
 
@@ -242,6 +244,8 @@ class Trainer:
         self.gather_multiple = 0 if self.compile else 32
         self.master_weights = master_weights
         self.progress = progress
+        # the mx.distributed group when launched as ranks (mlx.launch); size 1 otherwise
+        self.world = dist.world()
         self.train_examples = self._examples(train_dataset, "train")
         self.eval_examples = (self._examples(eval_dataset, "eval")
                               if eval_dataset is not None else None)
@@ -272,7 +276,9 @@ class Trainer:
         from .data import batch_plan
 
         c = self.config
-        return batch_plan(examples or self.train_examples, c.per_device_train_batch_size,
+        # several ranks: plan global batches; each rank trains on its slice of each
+        return batch_plan(examples or self.train_examples,
+                          c.per_device_train_batch_size * self.world.size,
                           seed=c.seed, packing=c.packing, max_seq_length=c.max_seq_length,
                           shuffle=shuffle, epoch=epoch)
 
@@ -281,18 +287,25 @@ class Trainer:
 
         Yields (batch, epoch, index); the caller advances `state`.
         """
-        from .data import iterate_batches
-
         c = self.config
         epoch, start = self.state.epoch, self.state.batch_in_epoch
         while True:
-            for i, batch in enumerate(iterate_batches(
+            for i, batch in enumerate(self._iterate(
                     self.train_examples, c.per_device_train_batch_size, seed=c.seed,
                     epoch=epoch, start=start, packing=c.packing,
                     max_seq_length=c.max_seq_length, pad_id=self._pad_id(),
                     gather_multiple=self.gather_multiple), start=start):
                 yield batch, epoch, i
             epoch, start = epoch + 1, 0
+
+    def _iterate(self, examples, batch_size, **kwargs):
+        """One epoch's batches; with several ranks, this rank's slice of each
+        global batch (whose n_tokens is the global batch's token count)."""
+        from .data import iterate_batches
+
+        if self.world.size > 1:
+            return dist.iterate_shards(examples, batch_size, self.world, **kwargs)
+        return iterate_batches(examples, batch_size, **kwargs)
 
     def _pad_id(self):
         pad = getattr(self.tokenizer, "pad_token_id", None)
@@ -430,7 +443,9 @@ class Trainer:
         self.state = TrainerState()
         self._stop = None
         mx.random.seed(c.seed)
-        resume = resolve_resume(resume_from_checkpoint, c.output_dir)
+        resume = dist.agree_resume(self.world, resolve_resume(resume_from_checkpoint,
+                                                              c.output_dir))
+        monitor = dist.Monitor(self.world, c.output_dir).start()  # no-op on one rank
         previous = self._install_signal_handlers()
         try:
             if c.gradient_checkpointing:
@@ -442,7 +457,11 @@ class Trainer:
                 if resume is not None:
                     self._load_checkpoint(resume)
                 return self._loop()
+        except BaseException as exc:
+            monitor.failed(exc)  # raises RankFailed when another rank's failure caused it
+            raise
         finally:
+            monitor.stop()
             self._restore_signal_handlers(previous)
             self._in_scope = False
             disable_gradient_checkpointing(model, added)
@@ -483,15 +502,21 @@ class Trainer:
         st.pending_loss_sum = float(log_sum.item()) if log_sum is not None else 0.0
         st.pending_loss_tokens = log_tokens
         st.rng_key = rng_key()
+        if not self.world.is_main:  # rank 0 writes it; wait until it is complete
+            dist.barrier(self.world)
+            return Path(self.config.output_dir) / f"checkpoint-{st.step}"
         peft = peft_config(self.model)
-        return save_checkpoint(
-            self.config.output_dir, step=st.step,
-            trainable=self.model.trainable_parameters(),
-            optimizer_state=self.optimizer.state, master=self.master,
-            trainer_state=asdict(st), config=self.config.to_dict(),
-            adapter_config=peft.adapter_config() if peft else None,
-            adapter_weights=adapter_weights(self.model) if peft else None,
-            save_total_limit=self.config.save_total_limit)
+        try:
+            return save_checkpoint(
+                self.config.output_dir, step=st.step,
+                trainable=self.model.trainable_parameters(),
+                optimizer_state=self.optimizer.state, master=self.master,
+                trainer_state=asdict(st), config=self.config.to_dict(),
+                adapter_config=peft.adapter_config() if peft else None,
+                adapter_weights=adapter_weights(self.model) if peft else None,
+                save_total_limit=self.config.save_total_limit)
+        finally:
+            dist.barrier(self.world)
 
     def _load_checkpoint(self, path):
         from .checkpoint import read_checkpoint
@@ -521,7 +546,8 @@ class Trainer:
         out_dir = Path(c.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         # a fresh run starts the file; a resumed one (step > 0) appends to it
-        metrics_file = open(out_dir / "metrics.jsonl", "a" if st.step else "w")
+        metrics_file = open(out_dir / "metrics.jsonl" if self.world.is_main else os.devnull,
+                            "a" if st.step else "w")
         total = self.total_steps
         mx.reset_peak_memory()
         stream = self._micro_batches()
@@ -538,8 +564,9 @@ class Trainer:
                     window.append(batch)
                     st.epoch, st.batch_in_epoch = epoch, index + 1
                 n_window = sum(b.n_tokens for b in window)
-                scale = mx.array(1.0 / max(n_window, 1), mx.float32)
-                acc = None
+                # n_window counts all ranks' tokens; gradients are averaged over ranks
+                scale = mx.array(self.world.size / max(n_window, 1), mx.float32)
+                acc, window_start = None, log_sum
                 for i, batch in enumerate(window):
                     last = i == len(window) - 1
                     loss_sum, _, acc, step_norm = self._run_step(batch, scale, acc, last)
@@ -550,6 +577,8 @@ class Trainer:
                 st.tokens += n_window
                 log_tokens += n_window
                 self._call("on_step_end", self, st.step)
+                # several ranks: the window's loss summed over ranks, and one stop decision
+                log_sum, agreed = dist.sync_step(self.world, window_start, log_sum, self._stop)
                 if st.step % c.logging_steps == 0 or st.step == total:
                     now = time.perf_counter()
                     st.train_time += now - tic
@@ -568,7 +597,7 @@ class Trainer:
                     self._write(metrics_file, {"step": st.step, **self.evaluate()})
                     tic = time.perf_counter()
                 bar.update(1)
-                stop = self._stop
+                stop = self._stop if self.world.size == 1 else agreed
                 if stop is not None or (c.save_steps and st.step % c.save_steps == 0):
                     saved = self.save_checkpoint(log_sum, log_tokens)
                     if isinstance(stop, int):
@@ -581,7 +610,8 @@ class Trainer:
         metrics = self._final_metrics()
         if self.eval_examples:
             metrics.update(self.evaluate())
-        self._plot(out_dir / "loss.png")
+        if self.world.is_main:
+            self._plot(out_dir / "loss.png")
         self._call("on_train_end", self, metrics)
         return metrics
 
@@ -619,7 +649,6 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Token-weighted loss and perplexity on `eval_dataset`."""
-        from .data import iterate_batches
         from .losses import loss_and_count
         from .precision import training_precision
 
@@ -634,17 +663,18 @@ class Trainer:
         with scope:
             model.eval()
             try:
-                for batch in iterate_batches(self.eval_examples, c.per_device_train_batch_size,
-                                             seed=c.seed, epoch=0, packing=c.packing,
-                                             max_seq_length=c.max_seq_length, shuffle=False,
-                                             pad_id=self._pad_id(),
-                                             gather_multiple=self.gather_multiple):
+                for batch in self._iterate(self.eval_examples, c.per_device_train_batch_size,
+                                           seed=c.seed, epoch=0, packing=c.packing,
+                                           max_seq_length=c.max_seq_length, shuffle=False,
+                                           pad_id=self._pad_id(),
+                                           gather_multiple=self.gather_multiple):
                     loss_sum, _ = loss_and_count(model, batch, training=False)
                     total = total + loss_sum
                     count += batch.n_tokens
                     mx.eval(total)
             finally:
                 model.train(was_training)
+        total = dist.sum_scalar(self.world, total)  # count already covers all ranks
         loss = total.item() / max(count, 1)
         result = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0))}
         self.state.log_history.append({"step": self.state.step, **result})
@@ -662,6 +692,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         disable = None if self.progress is None else not self.progress
+        if not self.world.is_main:
+            disable = True
         return tqdm(total=total, initial=self.state.step, desc="train", unit="step",
                     disable=disable, dynamic_ncols=True)
 
