@@ -42,9 +42,6 @@ UNSLOTH_ARGS = {
     "temporary_location": _ANY,
     "layers_to_transform": (None,),
     "layers_pattern": (None,),
-    "finetune_language_layers": (True,),
-    "finetune_attention_modules": (True,),
-    "finetune_mlp_modules": (True,),
 }
 
 
@@ -62,6 +59,13 @@ class PeftConfig:
     keys: list = field(default_factory=list)  # block-relative module paths
     target_modules: object = "all-linear"
     gradient_checkpointing: bool = False
+    # Which layers (Unsloth's names). For vision-language models `keys` are
+    # full module paths (mlx-vlm's adapter layout); for text models they are
+    # block-relative (mlx-lm's).
+    finetune_vision_layers: bool = False
+    finetune_language_layers: bool = True
+    finetune_attention_modules: bool = True
+    finetune_mlp_modules: bool = True
 
     def adapter_config(self) -> dict:
         """mlx-lm's adapter_config.json content for these adapters."""
@@ -141,6 +145,37 @@ def _select_keys(blocks, target_modules) -> list[str]:
     return sorted(keys)
 
 
+# Module-path words that mark attention and MLP (feed-forward) layers.
+_ATTENTION_WORDS = ("attn", "attention")
+_MLP_WORDS = ("mlp", "ffn", "feed_forward", "expert", "moe")
+
+
+def module_kind(path: str) -> str | None:
+    """"attention", "mlp" or None for a linear layer's (block-relative) path."""
+    parts = path.lower().split(".")
+    if any(w in p for p in parts for w in _ATTENTION_WORDS):
+        return "attention"
+    if any(w in p for p in parts for w in _MLP_WORDS):
+        return "mlp"
+    return None
+
+
+def select_kinds(keys, attention: bool, mlp: bool) -> list[str]:
+    """Keep the keys that `finetune_attention_modules` / `finetune_mlp_modules`
+    choose; both True keeps every key (also layers that are neither)."""
+    if attention and mlp:
+        return list(keys)
+    if not attention and not mlp:
+        raise BurnishError("get_peft_model: finetune_attention_modules=False and "
+                           "finetune_mlp_modules=False leave no layers to fine-tune")
+    want = "attention" if attention else "mlp"
+    chosen = [k for k in keys if module_kind(k) == want]
+    if not chosen:
+        raise BurnishError(f"get_peft_model: no {want} layers among the selected ones "
+                           f"({', '.join(sorted(keys)) or 'none'})")
+    return chosen
+
+
 def _check_unsloth_args(kwargs: dict) -> bool | None:
     """Warn about no-op Unsloth arguments, reject unknown or meaningful ones."""
     unknown = sorted(set(kwargs) - set(UNSLOTH_ARGS))
@@ -189,6 +224,10 @@ def get_peft_model(
     finetune_last_n_layers: int | None = None,
     use_gradient_checkpointing=False,
     random_state: int = 3407,
+    finetune_vision_layers: bool = False,
+    finetune_language_layers: bool = True,
+    finetune_attention_modules: bool = True,
+    finetune_mlp_modules: bool = True,
     **unsloth_args,
 ):
     """Add LoRA (or DoRA) adapters to `model` in place and return it.
@@ -196,8 +235,23 @@ def get_peft_model(
     Every parameter except the adapters (`lora_a`, `lora_b` and DoRA's `m`)
     is frozen, norms and the output head included. Quantised linear layers
     get adapters too (QLoRA); their quantised weights stay frozen.
+
+    Adapters go on the linear layers inside transformer blocks that
+    `target_modules` names ("all-linear": all of them), restricted to
+    attention layers (`finetune_mlp_modules=False`) or MLP layers
+    (`finetune_attention_modules=False`). For a vision-language model they go
+    on the language model's blocks (`finetune_language_layers`, default True)
+    and, with `finetune_vision_layers=True`, on the vision tower's blocks;
+    `finetune_last_n_layers` counts language blocks only.
     """
     _check_unsloth_args(unsloth_args)
+    flags = {"finetune_vision_layers": finetune_vision_layers,
+             "finetune_language_layers": finetune_language_layers,
+             "finetune_attention_modules": finetune_attention_modules,
+             "finetune_mlp_modules": finetune_mlp_modules}
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise BurnishError(f"get_peft_model: {name}={value!r}: expected True or False")
     checkpointing = _gradient_checkpointing_flag(use_gradient_checkpointing)
     if peft_config(model) is not None:
         raise BurnishError("get_peft_model: this model already has adapters")
@@ -215,21 +269,40 @@ def get_peft_model(
             f"get_peft_model: finetune_last_n_layers={finetune_last_n_layers!r}: "
             f"expected 1..{len(blocks)} (the model has {len(blocks)} blocks)"
         )
-    _select_keys(blocks, target_modules)  # unknown names are an error anywhere
-    keys = _select_keys(blocks[-n:], target_modules)
+    from .vision import is_vlm
+
+    if is_vlm(model):
+        from .vision_train import vlm_lora_keys
+
+        keys = vlm_lora_keys(model, n, target_modules, language=finetune_language_layers,
+                             vision=finetune_vision_layers,
+                             attention=finetune_attention_modules, mlp=finetune_mlp_modules)
+        chosen = [(p, m) for p, m in model.named_modules() if p in keys]
+    else:
+        if finetune_vision_layers:
+            raise BurnishError("get_peft_model: finetune_vision_layers=True, but this is a "
+                               "text-only model (it has no vision layers)")
+        if not finetune_language_layers:
+            raise BurnishError("get_peft_model: finetune_language_layers=False leaves "
+                               "nothing to fine-tune in a text-only model")
+        _select_keys(blocks, target_modules)  # unknown names are an error anywhere
+        keys = select_kinds(_select_keys(blocks[-n:], target_modules),
+                            finetune_attention_modules, finetune_mlp_modules)
+        chosen = [(p, m) for b in blocks[-n:] for p, m in b.named_modules() if p in keys]
     if use_dora:
-        for block in blocks[-n:]:
-            for path, module in block.named_modules():
-                if path in keys and not isinstance(module, _LINEAR_TYPES):
-                    raise BurnishError(
-                        f"get_peft_model: use_dora=True: {path} is a "
-                        f"{type(module).__name__}; DoRA supports Linear layers only "
-                        "(leave it out of target_modules)"
-                    )
+        for path, module in chosen:
+            if not isinstance(module, _LINEAR_TYPES):
+                raise BurnishError(
+                    f"get_peft_model: use_dora=True: {path} is a "
+                    f"{type(module).__name__}; DoRA supports Linear layers only "
+                    "(leave it out of target_modules)"
+                )
     scale = lora_alpha / (math.sqrt(r) if use_rslora else r)
 
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
+    # (Full-path keys of a VLM match in linear_to_lora_layers' pass over the
+    # whole model; block-relative ones in its pass over the last n blocks.)
     model.freeze()
     mx.random.seed(random_state)  # reproducible lora_a initialisation
     linear_to_lora_layers(
@@ -252,6 +325,7 @@ def get_peft_model(
         keys=keys,
         target_modules=target_modules,
         gradient_checkpointing=checkpointing,
+        **flags,
     )
     if checkpointing:
         enable_gradient_checkpointing(model)

@@ -262,9 +262,14 @@ class Trainer:
 
     def _examples(self, dataset, split):
         from .data import format_examples, load_rows
+        from .vision import is_vlm
 
         if _is_examples(dataset):
             return list(dataset)
+        if is_vlm(self.model):  # rows of chat messages with images
+            from .vision_train import trainer_examples
+
+            return trainer_examples(self, dataset, split)
         c = self.config
         rows = load_rows(dataset, split_name=split)
         return format_examples(rows, self.tokenizer, max_seq_length=c.max_seq_length,
@@ -302,7 +307,10 @@ class Trainer:
         """One epoch's batches; with several ranks, this rank's slice of each
         global batch (whose n_tokens is the global batch's token count)."""
         from .data import iterate_batches
+        from .vision_train import is_vlm_examples, trainer_batches
 
+        if is_vlm_examples(examples):  # whole VLM examples, one forward pass each
+            return trainer_batches(self, examples, batch_size, **kwargs)
         if self.world.size > 1:
             return dist.iterate_shards(examples, batch_size, self.world, **kwargs)
         return iterate_batches(examples, batch_size, **kwargs)
@@ -389,6 +397,10 @@ class Trainer:
         return norm
 
     def _run_step(self, batch, scale, acc, update):
+        from .vision_train import VLMBatch, trainer_step
+
+        if isinstance(batch, VLMBatch):  # eager: image shapes vary per batch
+            return trainer_step(self, batch, scale, acc, update)
         args = (batch.inputs, batch.targets, batch.weights, batch.segments,
                 batch.index, scale, acc, update)
         if self._compiled_step is None:
@@ -651,6 +663,7 @@ class Trainer:
         """Token-weighted loss and perplexity on `eval_dataset`."""
         from .losses import loss_and_count
         from .precision import training_precision
+        from .vision_train import VLMBatch, batch_loss
 
         if not self.eval_examples:
             raise BurnishError("Trainer.evaluate: no eval_dataset was given")
@@ -668,7 +681,8 @@ class Trainer:
                                            max_seq_length=c.max_seq_length, shuffle=False,
                                            pad_id=self._pad_id(),
                                            gather_multiple=self.gather_multiple):
-                    loss_sum, _ = loss_and_count(model, batch, training=False)
+                    loss_sum, _ = (batch_loss(model, batch) if isinstance(batch, VLMBatch)
+                                   else loss_and_count(model, batch, training=False))
                     total = total + loss_sum
                     count += batch.n_tokens
                     mx.eval(total)
