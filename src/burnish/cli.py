@@ -43,13 +43,42 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
-    from .runconfig import load_run_config, run
+def _take_nproc(overrides, nproc):
+    """`--nproc N` may also come after the config file (among the overrides)."""
+    rest, i = [], 0
+    while i < len(overrides):
+        flag = overrides[i]
+        if flag == "--nproc" or flag.startswith("--nproc="):
+            value = flag.partition("=")[2] or (overrides[i + 1] if i + 1 < len(overrides) else "")
+            i += 1 if "=" in flag else 2
+            nproc = value
+        else:
+            rest.append(flag)
+            i += 1
+    try:
+        nproc = int(nproc)
+    except (TypeError, ValueError):
+        nproc = 0
+    if nproc < 1:
+        raise BurnishError("command line: --nproc expects an integer >= 1")
+    return rest, nproc
 
-    config = load_run_config(args.config, args.overrides)
-    metrics = run(config)
-    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                   for k, v in metrics.items()))
+
+def cmd_train(args) -> int:
+    from .distributed import launch_local, rank_process
+    from .runconfig import load_run_config, run
+    from .trainer import TrainingConfig
+
+    overrides, nproc = _take_nproc(args.overrides, args.nproc)
+    config = load_run_config(args.config, overrides)
+    output_dir = config.training.get("output_dir", TrainingConfig.output_dir)
+    if nproc > 1:  # N ranks on this machine through mlx.launch (ring on loopback)
+        return launch_local(args.config, overrides, nproc, output_dir)
+    with rank_process(output_dir) as world:  # records the status of a launched rank
+        metrics = run(config)
+    if world.is_main:
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in metrics.items()))
     return 0
 
 
@@ -96,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train", help="fine-tune from a YAML run file")
+    p.add_argument("--nproc", default=1,
+                   help="data-parallel ranks on this machine, launched with mlx.launch")
     p.add_argument("config", help="YAML with sections model, peft, data, training")
     p.add_argument("overrides", nargs=argparse.REMAINDER,
                    help="--section.key VALUE pairs that override the file")

@@ -175,6 +175,40 @@ def agree_resume(world: World, path):
     return path
 
 
+def sync_trainable(world: World, model) -> bool:
+    """Give every rank rank 0's trainable parameters if they differ (e.g. LoRA
+    weights initialised without a shared seed). Compares a cheap digest
+    first; returns True when weights were copied."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    if world.size == 1:
+        return False
+    flat = tree_flatten(model.trainable_parameters())
+    digest = mx.array([0.0, 0.0, float(len(flat))])
+    for i, (_, v) in enumerate(flat):
+        v = v.astype(mx.float32)
+        digest = digest + mx.stack([v.sum() * (i + 1), v.abs().sum(), mx.array(0.0)])
+    lo = mx.distributed.all_min(digest, group=world.group, stream=mx.cpu)
+    hi = mx.distributed.all_max(digest, group=world.group, stream=mx.cpu)
+    if mx.array_equal(lo, hi).item():
+        return False
+    if lo[2].item() != hi[2].item():
+        raise BurnishError("Trainer: the ranks have different trainable parameters "
+                           f"({int(lo[2].item())} to {int(hi[2].item())} arrays); every rank "
+                           "must build the same model and adapters")
+    keep = 1 if world.is_main else 0  # x + 0 + ... is exactly rank 0's x
+    synced = [(k, mx.distributed.all_sum(v * keep, group=world.group)) for k, v in flat]
+    model.update(tree_unflatten(synced))
+    mx.eval(model.parameters())
+    if world.is_main:
+        import warnings
+
+        warnings.warn("Trainer: the ranks started from different trainable weights; "
+                      "all now use rank 0's (seed LoRA init, e.g. get_peft_model("
+                      "random_state=...), to avoid this copy)", stacklevel=3)
+    return True
+
+
 # --- data ----------------------------------------------------------------------
 
 

@@ -179,6 +179,7 @@ def load_run_config(path, overrides: list[str] | None = None) -> RunConfig:
 
 def run(config: RunConfig, log=print) -> dict:
     """Load, (optionally) add adapters, train, save adapters or the model."""
+    from .distributed import barrier
     from .export import save_adapters, save_merged
     from .loading import from_pretrained
     from .peft import get_peft_model
@@ -195,9 +196,11 @@ def run(config: RunConfig, log=print) -> dict:
                       eval_dataset=config.data.get("eval"), config=training)
     metrics = trainer.train()
     out = Path(training.output_dir)
-    if full:
-        saved = save_merged(model, tokenizer, out / "model")
-    else:
-        saved = save_adapters(model, out / "adapters")
-    log(f"saved {'model' if full else 'adapters'} to {saved}")
+    if trainer.world.is_main:  # several ranks: rank 0 saves, the others wait
+        if full:
+            saved = save_merged(model, tokenizer, out / "model")
+        else:
+            saved = save_adapters(model, out / "adapters")
+        log(f"saved {'model' if full else 'adapters'} to {saved}")
+    barrier(trainer.world)
     return metrics

@@ -71,6 +71,10 @@ class TrainingConfig:
     dataset_text_field: str = "text"
     cast_norm_output_to_input_dtype: bool = True
     gradient_checkpointing: bool = False
+    # None: train in the model's dtypes; "float32": cast bf16/fp16 weights to
+    # float32 while training (back on exit); "auto": float32 on CPU with an
+    # optimised BLAS, where bf16 matmuls are emulated (see compute.py)
+    compute_dtype: str | None = None
 
     def __post_init__(self):
         def bad(name, expected):
@@ -127,6 +131,8 @@ class TrainingConfig:
         for name in ("packing", "cast_norm_output_to_input_dtype", "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "True or False")
+        if self.compute_dtype not in (None, "auto", "float32"):
+            bad("compute_dtype", "None, 'auto' or 'float32'")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -383,6 +389,7 @@ class Trainer:
 
     def _apply(self, grads):
         c = self.config
+        grads = dist.reduce_gradients(self.world, grads)  # several ranks: before clipping
         if c.max_grad_norm:
             grads, norm = opt.optim.clip_grad_norm(grads, c.max_grad_norm)
         else:
@@ -445,6 +452,7 @@ class Trainer:
         checkpoint and raise `TrainingInterrupted`.
         """
         from .checkpoint import resolve_resume
+        from .compute import compute_dtype, resolve_compute_dtype
         from .peft import disable_gradient_checkpointing, enable_gradient_checkpointing
         from .precision import training_precision
 
@@ -462,9 +470,13 @@ class Trainer:
         try:
             if c.gradient_checkpointing:
                 added = enable_gradient_checkpointing(model)
-            with training_precision(model, cast_outputs=c.cast_norm_output_to_input_dtype):
+            dtype = resolve_compute_dtype(c.compute_dtype)
+            self.compute_dtype_used = str(dtype or "model").split(".")[-1]
+            with compute_dtype(model, dtype), \
+                    training_precision(model, cast_outputs=c.cast_norm_output_to_input_dtype):
                 self._in_scope = True
                 model.train()
+                dist.sync_trainable(self.world, model)  # several ranks: start from rank 0's weights
                 self._setup()
                 if resume is not None:
                     self._load_checkpoint(resume)
@@ -653,6 +665,7 @@ class Trainer:
             "epochs": round(st.epoch + st.batch_in_epoch / self.batches_per_epoch, 4),
             "tokens": st.tokens,
             "train_runtime": st.train_time,
+            "compute_dtype": getattr(self, "compute_dtype_used", "model"),
             "tokens_per_sec": st.tokens / max(st.train_time, 1e-9),
             "peak_memory_gb": mx.get_peak_memory() / 1e9,
         }
