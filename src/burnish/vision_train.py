@@ -24,7 +24,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -126,9 +126,6 @@ class VLMBatch:
 
     examples: list[dict]
     n_tokens: int  # trained target tokens in the batch
-    segments: None = None
-    index: None = None
-    sizes: list = field(default_factory=list)
 
 
 def is_vlm_examples(examples) -> bool:
@@ -278,8 +275,7 @@ def trainer_batches(trainer, examples, batch_size, *, seed=0, epoch=0, start=0,
         chosen = [examples[i] for i in entry]
         yield VLMBatch(
             examples=[example_inputs(trainer.tokenizer, trainer.model, e) for e in chosen],
-            n_tokens=sum(int(sum(e.weights[1:])) for e in chosen),
-            sizes=[len(e) for e in chosen])
+            n_tokens=sum(int(sum(e.weights[1:])) for e in chosen))
 
 
 # --------------------------------------------------------------------------
