@@ -3,7 +3,8 @@
 Each bench module defines `run(args) -> dict` with at least `name`, `title`,
 `columns` and `rows` (strings), optionally `description` and any raw `data`,
 and may define `add_arguments(parser)` for its own options (prefix them with
-its name). `python benchmarks/run.py --only precision` runs one.
+its name). `python benchmarks/run.py --only precision` runs one; `--quick` asks the
+benches that read `args.quick` for their small sizes.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="burnish benchmarks")
     parser.add_argument("--only", nargs="*", help="bench names to run (default: all)")
     parser.add_argument("--out", type=Path, default=HERE, help="where results go")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller sizes where a bench has them (a few minutes on a 2-core CPU)")
     for module in modules:
         if hasattr(module, "add_arguments"):
             module.add_arguments(parser)
