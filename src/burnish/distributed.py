@@ -288,15 +288,16 @@ def record_start(folder: Path, rank: int, token=None, beat: int = 0) -> None:
 
 
 def record_exit(folder: Path, rank: int, code: int, error: str | None = None,
-                cause: int | None = None, token=None) -> None:
+                cause: int | None = None, token=None, reason: str | None = None) -> None:
     """A rank's exit status; a failure, once written, is not overwritten."""
     path = folder / f"rank-{rank}.exit.json"
     old = _read_json(path)
     if old and old.get("code") and (token is None or old.get("token") in (token, None)):
         return  # keep the first (most specific) failure of this run
     folder.mkdir(parents=True, exist_ok=True)
+    # cause: the rank whose failure stopped this one, and what happened to it
     _write_json(path, {"rank": rank, "code": int(code), "error": error, "cause": cause,
-                       "token": token})
+                       "reason": reason, "token": token})
 
 
 def _describe(exc: BaseException) -> str:
@@ -383,7 +384,7 @@ class Monitor:
             return
         peer, reason = cause
         msg = f"rank {me} stopped: rank {peer} {reason}"
-        record_exit(self.folder, me, 1, msg, cause=peer, token=self.token)
+        record_exit(self.folder, me, 1, msg, cause=peer, token=self.token, reason=reason)
         raise RankFailed(msg) from exc
 
     def check(self):
@@ -429,7 +430,8 @@ class Monitor:
             peer, reason = cause
             msg = f"rank {self.world.rank} stopped: rank {peer} {reason}"
             self.failed_already = True
-            record_exit(self.folder, self.world.rank, 1, msg, cause=peer, token=self.token)
+            record_exit(self.folder, self.world.rank, 1, msg, cause=peer, token=self.token,
+                        reason=reason)
             print(f"burnish: error: {msg}", file=sys.stderr, flush=True)
             os._exit(1)
 
@@ -498,6 +500,17 @@ def _code_text(code: int) -> str:
     return f"exit code {code}"
 
 
+def local_rank_env(nproc: int, env=None) -> dict:
+    """Environment for `nproc` ranks sharing this machine's cores: BLAS
+    threads split between them unless the user chose (OpenBLAS threads spin
+    while they wait; 2 ranks x 2 threads on 2 cores ran 2-3x slower)."""
+    env = dict(os.environ if env is None else env)
+    threads = str(max(1, (os.cpu_count() or 1) // nproc))
+    for key in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        env.setdefault(key, threads)
+    return env
+
+
 def launch_local(config_path, overrides: list[str], nproc: int, output_dir,
                  grace: float = 20.0) -> int:
     """Run `burnish train` as `nproc` ranks on this machine through mlx.launch.
@@ -520,7 +533,7 @@ def launch_local(config_path, overrides: list[str], nproc: int, output_dir,
            sys.executable, "-m", "burnish.cli", "train", str(config_path), *overrides]
     # stdin: a pipe nobody writes (mlx.launch polls it and makes it non-blocking)
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True, env=local_rank_env(nproc))
     launcher_codes = {}
 
     def forward():
@@ -562,6 +575,8 @@ def launch_local(config_path, overrides: list[str], nproc: int, output_dir,
                 rec = _read_json(folder / f"rank-{r}.json")
                 if exit_rec and exit_rec.get("code") and exit_rec.get("cause") is None:
                     failures[r] = (now, f"failed: {exit_rec.get('error')}")
+                elif exit_rec and exit_rec.get("cause") is not None:  # r saw another rank fail
+                    failures.setdefault(exit_rec["cause"], (now, exit_rec.get("reason") or "failed"))
                 elif not exit_rec and rec and not _alive(int(rec["pid"])):
                     failures[r] = (now, "died")
             if failures and stopped_at is None:
@@ -578,10 +593,11 @@ def launch_local(config_path, overrides: list[str], nproc: int, output_dir,
         reader.join(timeout=5)
     # ranks whose process vanished: what mlx.launch saw them exit with
     for r, (t, reason) in failures.items():
-        if reason == "died":
-            code = launcher_codes.get(r)
-            detail = _code_text(code) if code is not None else "no exit status"
-            failures[r] = (t, f"died ({detail})")
+        code = launcher_codes.get(r)
+        if reason.startswith("died") and code is not None:
+            failures[r] = (t, f"died ({_code_text(code)})")
+        elif reason == "died":
+            failures[r] = (t, "died (no exit status)")
     exits = [_read_json(folder / f"rank-{r}.exit.json") for r in range(nproc)]
     if all(e and e.get("code") == 0 for e in exits) and not any(launcher_codes.values()):
         return 0
@@ -604,14 +620,21 @@ def launch_local(config_path, overrides: list[str], nproc: int, output_dir,
 
 
 def _stop_group(proc, wait: float = 5.0) -> None:
-    """Terminate the launcher and every rank (they share its session)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    """Terminate the launcher and every rank (they share its session); then
+    kill what is left, stopped (SIGSTOP) processes included."""
+    import subprocess
+
+    for sig in (signal.SIGTERM, signal.SIGCONT):
         try:
             os.killpg(proc.pid, sig)
         except OSError:
             return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired
-            continue
+    try:
+        proc.wait(timeout=wait)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    proc.wait()
