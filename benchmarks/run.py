@@ -41,6 +41,8 @@ def markdown(header: dict, results: list) -> str:
         lines += [f"Note: {header['bf16_note']}.", ""]
     for result in results:
         lines += [f"## {result['title']}", ""]
+        if result.get("run_date"):
+            lines += [f"(From an earlier run, {result['run_date']}.)", ""]
         if result.get("error"):
             lines += [f"Failed: `{result['error']}`", ""]
             continue
@@ -52,6 +54,22 @@ def markdown(header: dict, results: list) -> str:
         lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in result["rows"]]
         lines += ["", f"({result['seconds']:.0f} s)", ""]
     return "\n".join(lines)
+
+
+def merge_previous(path: Path, results: list) -> list:
+    """`results` plus the earlier results in `path` of benches not rerun now
+    (each keeps its own date in `run_date`)."""
+    if not path.exists():
+        return results
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return results
+    names = {r["name"] for r in results}
+    date = old.get("header", {}).get("date")
+    kept = [{**r, "run_date": r.get("run_date", date)} for r in old.get("results", [])
+            if r.get("name") not in names]
+    return sorted(kept + results, key=lambda r: r.get("name", ""))
 
 
 def main(argv=None) -> int:
@@ -95,6 +113,8 @@ def main(argv=None) -> int:
         mx.clear_cache()
     header["load_average_end"] = round(os.getloadavg()[0], 2)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.only:  # keep the other benches' last results
+        results = merge_previous(args.out / "results.json", results)
     (args.out / "results.json").write_text(
         json.dumps({"header": header, "results": results}, indent=2, default=str))
     text = markdown(header, results)

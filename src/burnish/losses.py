@@ -211,7 +211,7 @@ def loss_and_count(model, batch, chunk_size=None, training=True):
     """(sum of weighted CE in float32, number of trained tokens as float32).
 
     chunk_size: tokens per head chunk; None chunks when the float32 logits
-    would exceed 2**22 elements (16 MB), in chunks of about 2**21 elements
+    would exceed 2**20 elements (4 MB), in chunks of about 2**19 elements
     (at least 128 tokens); 0 never chunks. The float32 copies of the logits
     and their gradient are what dominate a step's peak memory otherwise
     (measured: an 11M-parameter model, vocab 16384, 1408-token batch: peak
@@ -236,7 +236,7 @@ def loss_and_count(model, batch, chunk_size=None, training=True):
     if chunk_size is None:
         V = _vocab_size(model, head)
         n = targets.size
-        chunk_size = max(128, (2**21) // V) if V and n * V > 2**22 else 0
+        chunk_size = max(128, (2**19) // V) if V and n * V > 2**20 else 0
     if chunk_size:
         loss = chunked_cross_entropy_sum(hidden, head, targets, weights,
                                          chunk_size, with_grad=training)
