@@ -241,6 +241,19 @@ def from_pretrained(model_name, max_seq_length: int = 2048, dtype=None,
                                  full_finetuning=full_finetuning,
                                  trust_remote_code=trust_remote_code)
     model, tokenizer, config = _load_mlx_lm(path, config, trust_remote_code)
+    finish_loading(model, path, config, max_seq_length=max_seq_length, dtype=dtype,
+                   load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
+                   full_finetuning=full_finetuning)
+    return model, tokenizer
+
+
+def finish_loading(model, path: Path, config: dict, *, max_seq_length: int, dtype,
+                   load_in_4bit: bool, load_in_8bit: bool, full_finetuning: bool,
+                   quantize_target=None, is_vision: bool = False) -> None:
+    """What every loader does after building the model: optional cast and
+    quantisation (of `quantize_target`, default the whole model), the
+    architecture norm math, freezing, and the `LoadInfo` record."""
+    from .precision import apply_architecture_norms
 
     quantization = config.get("quantization")
     if dtype is not None:
@@ -250,12 +263,11 @@ def from_pretrained(model_name, max_seq_length: int = 2048, dtype=None,
             warnings.warn(f"{path} is already quantised ({quantization.get('bits')}-bit); "
                           "load_in_4bit/load_in_8bit ignored")
         else:
-            quantization = quantize_linears(model, 4 if load_in_4bit else 8)
+            quantization = quantize_linears(quantize_target or model,
+                                            4 if load_in_4bit else 8)
     if full_finetuning and quantization:
         raise BurnishError("full_finetuning=True needs an unquantised model; "
                            "use LoRA on the quantised model (QLoRA) instead")
-    from .precision import apply_architecture_norms
-
     apply_architecture_norms(model)
     mx.eval(model.parameters())
     if full_finetuning:
@@ -265,10 +277,9 @@ def from_pretrained(model_name, max_seq_length: int = 2048, dtype=None,
     model.eval()
     model._burnish = LoadInfo(
         path=path, config=config, model_type=config["model_type"],
-        max_seq_length=max_seq_length, quantization=quantization,
+        max_seq_length=max_seq_length, quantization=quantization, is_vision=is_vision,
         param_dtypes={k: v.dtype for k, v in tree_flatten(model.parameters())},
     )
-    return model, tokenizer
 
 
 def is_vision_config(config: dict) -> bool:

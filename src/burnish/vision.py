@@ -21,8 +21,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import BurnishError
-from .loading import (FastModel, LoadInfo, cast_floating, from_pretrained, is_vision_config,
-                      quantize_linears, read_config, resolve_model_path)
+from .loading import (FastModel, finish_loading, from_pretrained, is_vision_config,
+                      read_config, resolve_model_path)
 
 # --------------------------------------------------------------------------
 # Loading
@@ -70,33 +70,11 @@ def load_vision_model(path: Path, config: dict, max_seq_length: int = 2048, dtyp
     `load_in_4bit`/`load_in_8bit` quantise the language model's linear layers
     only (the vision tower and projector stay as stored).
     """
-    from .precision import apply_architecture_norms
-
     model, processor = _load_mlx_vlm(path, config, trust_remote_code)
-    quantization = config.get("quantization")
-    if dtype is not None:
-        cast_floating(model, dtype)
-    if load_in_4bit or load_in_8bit:
-        if quantization:
-            warnings.warn(f"{path} is already quantised ({quantization.get('bits')}-bit); "
-                          "load_in_4bit/load_in_8bit ignored")
-        else:
-            quantization = quantize_linears(model.language_model, 4 if load_in_4bit else 8)
-    if full_finetuning and quantization:
-        raise BurnishError("full_finetuning=True needs an unquantised model; "
-                           "use LoRA on the quantised model (QLoRA) instead")
-    apply_architecture_norms(model)
-    mx.eval(model.parameters())
-    if full_finetuning:
-        model.unfreeze()
-    else:
-        model.freeze()
-    model.eval()
-    model._burnish = LoadInfo(
-        path=path, config=config, model_type=config["model_type"],
-        max_seq_length=max_seq_length, quantization=quantization, is_vision=True,
-        param_dtypes={k: v.dtype for k, v in tree_flatten(model.parameters())},
-    )
+    finish_loading(model, path, config, max_seq_length=max_seq_length, dtype=dtype,
+                   load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
+                   full_finetuning=full_finetuning,
+                   quantize_target=model.language_model, is_vision=True)
     # Training examples need the model's config (image token ids, chat format).
     processor._burnish_model_config = model.config
     return model, processor
