@@ -16,7 +16,6 @@ from mlx.utils import tree_flatten
 import burnish
 from burnish import Trainer, TrainingConfig
 from burnish.checkpoint import checkpoint_dirs, read_checkpoint
-from burnish.trainer import TrainingInterrupted
 
 ROWS = [{"prompt": f"what is {a} plus {b}?", "completion": f" {a + b}"}
         for a in range(6) for b in range(4)]

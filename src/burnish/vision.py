@@ -12,13 +12,11 @@ never fall on image placeholders or image markers.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from .errors import BurnishError
 from .loading import (FastModel, finish_loading, from_pretrained, is_vision_config,
