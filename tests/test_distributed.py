@@ -40,20 +40,21 @@ WORKER = textwrap.dedent('''
     model_path, out, steps = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     rows = [json.loads(l) for l in open(sys.argv[4])]
 
-    def run(folder, resume=None, **kw):
+    def run(folder, resume=None, eval_rows=None, **kw):
         model, tok = burnish.FastModel.from_pretrained(model_path)
         model = burnish.FastModel.get_peft_model(model, r=4, lora_alpha=8, random_state=1)
         cfg = TrainingConfig(output_dir=f"{out}/{folder}", per_device_train_batch_size=2,
                              **{"learning_rate": 5e-3, **steps, **kw})
-        t = Trainer(model, tok, rows, config=cfg, progress=False)
-        t.train(resume_from_checkpoint=resume)
+        t = Trainer(model, tok, rows, eval_dataset=eval_rows, config=cfg, progress=False)
+        metrics = t.train(resume_from_checkpoint=resume)
         r = t.world.rank
         mx.save_safetensors(f"{out}/{folder}-rank{r}.safetensors",
                             dict(tree_flatten(model.trainable_parameters())))
         losses = [h["loss"] for h in t.state.log_history if "loss" in h]
-        json.dump({"size": t.world.size, "losses": losses}, open(f"{out}/{folder}-rank{r}.json", "w"))
+        json.dump({"size": t.world.size, "losses": losses, "eval_loss": metrics.get("eval_loss")},
+                  open(f"{out}/{folder}-rank{r}.json", "w"))
 
-    run("sgd", optim="sgd", learning_rate=0.5)               # equivalence of the weights
+    run("sgd", optim="sgd", learning_rate=0.5, eval_rows=rows[:7])  # equivalence of the weights
     run("full", save_steps=1)                                # adamw, checkpoint every step
     run("resumed", resume=f"{out}/full/checkpoint-1")        # resumed on 2 ranks mid-epoch
 ''')
@@ -101,15 +102,17 @@ def test_two_ranks_equal_one_rank_with_double_batch_and_resume_is_exact(model_fa
         for r in (0, 1):
             assert (out / f"{name}-rank{r}.json").exists(), proc.stderr[-3000:]
 
-    def one_rank(**kw):  # batch 4 = 2 ranks x 2, same seed, same rows
+    def one_rank(eval_rows=None, **kw):  # batch 4 = 2 ranks x 2, same seed, same rows
         model, tok = burnish.FastModel.from_pretrained(base)
         model = burnish.FastModel.get_peft_model(model, r=4, lora_alpha=8, random_state=1)
-        t = Trainer(model, tok, ROWS, progress=False, config=TrainingConfig(
-            output_dir=str(tmp_path / "one"), per_device_train_batch_size=4,
-            **{"learning_rate": 5e-3, **STEPS, **kw}))
-        t.train()
+        t = Trainer(model, tok, ROWS, eval_dataset=eval_rows, progress=False,
+                    config=TrainingConfig(output_dir=str(tmp_path / "one"),
+                                          per_device_train_batch_size=4,
+                                          **{"learning_rate": 5e-3, **STEPS, **kw}))
+        metrics = t.train()
         return ([h["loss"] for h in t.state.log_history if "loss" in h],
-                {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())})
+                {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())},
+                metrics.get("eval_loss"))
 
     def two_ranks(name):
         runs = [json.loads((out / f"{name}-rank{r}.json").read_text()) for r in (0, 1)]
@@ -119,21 +122,24 @@ def test_two_ranks_equal_one_rank_with_double_batch_and_resume_is_exact(model_fa
         w0, w1 = (weights(out / f"{name}-rank{r}.safetensors") for r in (0, 1))
         for k in w0:
             np.testing.assert_array_equal(w0[k], w1[k])  # gradients reduced identically
-        return runs[0]["losses"], w0
+        assert runs[1]["eval_loss"] == runs[0]["eval_loss"]
+        return runs[0]["losses"], w0, runs[0]["eval_loss"]
 
     # SGD: the update is linear in the gradient, so the weights show the
     # reduction itself (Adam divides by sqrt(v) and blows float rounding in
     # near-zero gradients up to ~lr)
-    ref_losses, ref_w = one_rank(optim="sgd", learning_rate=0.5)
-    losses, w = two_ranks("sgd")
+    ref_losses, ref_w, ref_eval = one_rank(optim="sgd", learning_rate=0.5, eval_rows=ROWS[:7])
+    losses, w, eval_loss = two_ranks("sgd")
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
+    # evaluation is sharded too (7 rows: uneven slices), reduced over ranks
+    np.testing.assert_allclose(eval_loss, ref_eval, rtol=1e-5)
     assert set(w) == set(ref_w)
     for k in ref_w:
         np.testing.assert_allclose(w[k], ref_w[k], rtol=1e-5, atol=1e-5)
     assert np.abs(ref_w["model.layers.0.self_attn.q_proj.lora_b"]).max() > 1e-3  # it trained
 
-    ref_losses, _ = one_rank()  # adamw
-    full_losses, w0 = two_ranks("full")
+    ref_losses, _, _ = one_rank()  # adamw
+    full_losses, w0, _ = two_ranks("full")
     np.testing.assert_allclose(full_losses, ref_losses, rtol=1e-5, atol=1e-6)
 
     # resumed from checkpoint-1 on 2 ranks == uninterrupted

@@ -372,8 +372,9 @@ class Monitor:
         if self._thread is None or self.failed_already:
             return
         self.failed_already = True
-        cause = self.check()
-        if cause is None and _comm_error(exc):
+        cause = None
+        if _comm_error(exc):  # a collective failed: find the rank that went away
+            cause = self.check()
             deadline = time.monotonic() + self.grace
             while cause is None and time.monotonic() < deadline:
                 time.sleep(0.2)
