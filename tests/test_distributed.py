@@ -14,7 +14,6 @@ import time
 
 import mlx.core as mx
 import numpy as np
-import pytest
 from mlx.utils import tree_flatten
 
 import burnish

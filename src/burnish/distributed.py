@@ -94,8 +94,7 @@ def world() -> World:
 
 def _all(world: World, values, op="sum", dtype=mx.float32) -> list:
     x = values if isinstance(values, mx.array) else mx.array(values, dtype)
-    fn = {"sum": mx.distributed.all_sum, "max": mx.distributed.all_max,
-          "gather": mx.distributed.all_gather}[op]
+    fn = {"sum": mx.distributed.all_sum, "gather": mx.distributed.all_gather}[op]
     out = fn(x, group=world.group, stream=mx.cpu)
     return out.tolist()
 
@@ -114,11 +113,9 @@ def sum_scalar(world: World, value) -> mx.array:
 
 
 def reduce_gradients(world: World, grads):
-    """Gradients summed over ranks (the loss scale already holds 1/global tokens).
-
-    `nn.average_gradients` concatenates small arrays into few all_sum calls
-    and divides by the size, so the Trainer scales each rank's loss by
-    `size / global tokens`.
+    """Gradients averaged over ranks (`nn.average_gradients`: few large
+    all_sum calls). Each rank's loss is scaled by size / global tokens, so the
+    average is the gradient of the token-weighted loss of the global window.
     """
     if world.size == 1:
         return grads
