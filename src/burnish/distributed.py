@@ -228,7 +228,11 @@ def iterate_shards(examples, batch_size, world: World, *, seed=0, epoch=0, start
     shape, zero loss and zero gradient.
     """
     from .data import batch_plan, make_batch
+    from .vision_train import is_vlm_examples
 
+    if is_vlm_examples(examples):
+        raise BurnishError(f"Trainer: data-parallel training ({world.size} ranks) of "
+                           "vision-language models is not supported yet; run one process")
     plan = batch_plan(examples, batch_size * world.size, seed=seed, packing=packing,
                       max_seq_length=max_seq_length, shuffle=shuffle, epoch=epoch)
     # make_batch trains target i of a document from weights[i], i >= 1

@@ -315,10 +315,10 @@ class Trainer:
         from .data import iterate_batches
         from .vision_train import is_vlm_examples, trainer_batches
 
+        if self.world.size > 1:  # text examples only (VLM ones are refused there)
+            return dist.iterate_shards(examples, batch_size, self.world, **kwargs)
         if is_vlm_examples(examples):  # whole VLM examples, one forward pass each
             return trainer_batches(self, examples, batch_size, **kwargs)
-        if self.world.size > 1:
-            return dist.iterate_shards(examples, batch_size, self.world, **kwargs)
         return iterate_batches(examples, batch_size, **kwargs)
 
     def _pad_id(self):
