@@ -103,3 +103,18 @@ def test_cli_train_end_to_end(model_factory, tmp_path):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     model, _ = mlx_load(str(base), adapter_path=str(out / "adapters"))
     assert model(mx.array([[1, 2, 3]])).shape == (1, 3, 384)
+
+
+def test_cli_train_resume_continues_from_the_latest_checkpoint(model_factory, tmp_path):
+    base = model_factory("llama", mx.float32)
+    path = write_config(tmp_path, base)
+    cmd = [sys.executable, "-m", "burnish.cli", "train", str(path), "--training.save_steps", "2"]
+    first = subprocess.run(cmd + ["--training.max_steps", "2"], capture_output=True,
+                           text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run(cmd + ["--training.max_steps", "4", "--resume"],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    records = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    # the resumed run appended steps 3-4 after the first run's 1-2
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]

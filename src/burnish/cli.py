@@ -70,12 +70,16 @@ def cmd_train(args) -> int:
     from .trainer import TrainingConfig
 
     overrides, nproc = _take_nproc(args.overrides, args.nproc)
+    # `--resume` may also come after the config file (among the overrides).
+    resume = args.resume or "--resume" in overrides
+    overrides = [o for o in overrides if o != "--resume"]
     config = load_run_config(args.config, overrides)
     output_dir = config.training.get("output_dir", TrainingConfig.output_dir)
     if nproc > 1:  # N ranks on this machine through mlx.launch (ring on loopback)
-        return launch_local(args.config, overrides, nproc, output_dir)
+        return launch_local(args.config, overrides + ["--resume"] * resume, nproc,
+                            output_dir)
     with rank_process(output_dir) as world:  # records the status of a launched rank
-        metrics = run(config)
+        metrics = run(config, resume=resume)
     if world.is_main:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in metrics.items()))
@@ -127,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune from a YAML run file")
     p.add_argument("--nproc", default=1,
                    help="data-parallel ranks on this machine, launched with mlx.launch")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in output_dir")
     p.add_argument("config", help="YAML with sections model, peft, data, training")
     p.add_argument("overrides", nargs=argparse.REMAINDER,
                    help="--section.key VALUE pairs that override the file")

@@ -177,8 +177,9 @@ def load_run_config(path, overrides: list[str] | None = None) -> RunConfig:
                      training=dict(raw.get("training") or {}), source=str(path))
 
 
-def run(config: RunConfig, log=print) -> dict:
-    """Load, (optionally) add adapters, train, save adapters or the model."""
+def run(config: RunConfig, log=print, resume: bool = False) -> dict:
+    """Load, (optionally) add adapters, train (from the latest checkpoint in
+    output_dir with `resume`), save adapters or the model."""
     from .distributed import barrier
     from .export import save_adapters, save_merged
     from .loading import from_pretrained
@@ -194,7 +195,7 @@ def run(config: RunConfig, log=print) -> dict:
         model = get_peft_model(model, **config.peft)
     trainer = Trainer(model, tokenizer, config.data["train"],
                       eval_dataset=config.data.get("eval"), config=training)
-    metrics = trainer.train()
+    metrics = trainer.train(resume_from_checkpoint=True if resume else None)
     out = Path(training.output_dir)
     if trainer.world.is_main:  # several ranks: rank 0 saves, the others wait
         if full:

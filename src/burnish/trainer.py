@@ -167,7 +167,8 @@ class TrainingInterrupted(BurnishError):
         self.exit_code = 128 + signum
         super().__init__(f"training stopped by {_signal.Signals(signum).name}; "
                          f"checkpoint saved to {checkpoint} (resume with "
-                         "resume_from_checkpoint=True)")
+                         "`burnish train ... --resume` or "
+                         "train(resume_from_checkpoint=True))")
 
 
 def _assign(dst, src):
