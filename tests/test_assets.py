@@ -91,14 +91,13 @@ def read_jsonl(path):
 
 def test_demo_task_files_parse_with_expected_fields():
     train, test = read_jsonl(TASK / "train.jsonl"), read_jsonl(TASK / "test.jsonl")
-    assert len(train) >= 200 and len(test) >= 40
+    assert len(train) >= 60 and len(test) >= 20
     for row in train + test:
         assert set(row) == {"messages"}
         user, assistant = row["messages"]
         assert user["role"] == "user" and assistant["role"] == "assistant"
-        country = user["content"].removeprefix("What is the capital of ").removesuffix("?")
-        assert assistant["content"] == f"The capital of {country} is Port {country}."
-    # Held-out prompts: no test country is seen in training.
+        assert assistant["content"] in ("It is warm.", "It is cool.")
+    # Held-out prompts: no test prompt is seen in training.
     assert not {r["messages"][0]["content"] for r in train} & \
         {r["messages"][0]["content"] for r in test}
 
@@ -109,3 +108,20 @@ def test_base_model_does_not_already_do_the_demo_task(loaded):
     hits = sum(ask(model, tokenizer, r["messages"][0]["content"])
                == r["messages"][1]["content"] for r in test)
     assert hits <= 1
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "burnish.cli", "demo", "--output-dir",
+                           str(out), "--max-steps", "3"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "before fine-tuning: exact match 0%" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["accuracy_before"] == 0.0
+    for name in ("adapters/adapters.safetensors", "merged/config.json",
+                 "metrics.jsonl", "loss.png"):
+        assert (out / name).exists(), name

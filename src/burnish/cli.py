@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the demo on the bundled tiny model")
     p.add_argument("--output-dir", default="burnish-demo")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="override the demo's training steps (for a quick look)")
     p.set_defaults(func=cmd_demo)
     return parser
 
