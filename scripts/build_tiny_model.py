@@ -8,10 +8,11 @@ conversations about a small invented world (countries and their capitals,
 people, where they live, the colour they like), arithmetic with
 numbers up to 10, counting, repeating and spelling made-up words, and a little
 small talk. Questions about names that are not in the world get "I do not
-know ..." answers, which also teaches the model to copy arbitrary names.
+know ..." answers, meant to teach the model to copy arbitrary names (the
+recorded run is too short for that; see below).
 
-The model is mlx-lm's `llama` architecture (4 layers, width 256, ~3.8M
-parameters), trained in float32 (fast on CPU once `import burnish` has routed
+The model is mlx-lm's `llama` architecture (4 layers, width 192, 4 heads, MLP
+512, vocab 1024: 2.16M parameters), trained in float32 (fast on CPU once `import burnish` has routed
 matmuls to OpenBLAS) and saved in bfloat16 as a Hugging Face folder with a
 byte-level BPE tokenizer trained here and a ChatML chat template.
 
