@@ -278,11 +278,6 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
         child(os.environ.get("BURNISH_BLAS", "default"), sys.argv[2])
         sys.exit(0)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    add_arguments(parser)
-    result = run(parser.parse_args())
-    print(result["description"])
-    print(" | ".join(result["columns"]))
-    for row in result["rows"]:
-        print(" | ".join(row))
+    from common import main
+
+    main(__doc__, add_arguments, run)

@@ -153,10 +153,6 @@ def run(args) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    result = run(parser.parse_args())
-    print(result["description"])
-    print(" | ".join(result["columns"]))
-    for row in result["rows"]:
-        print(" | ".join(row))
+    from common import main
+
+    main(__doc__, add_arguments, run)

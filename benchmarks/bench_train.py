@@ -48,7 +48,6 @@ SIZES = {
                             num_attention_heads=8, num_key_value_heads=4, vocab_size=32000,
                             max_position_embeddings=2048),
                  examples=32, min_len=32, max_len=1024, batch=4, reps=3),
-    # small enough for a 2-core CPU in a few minutes
     # a few minutes on a 2-core CPU, where bf16 matmuls are emulated
     "quick": dict(model=dict(hidden_size=128, num_hidden_layers=2, intermediate_size=384,
                              num_attention_heads=4, num_key_value_heads=2, vocab_size=8192,
@@ -325,11 +324,6 @@ def run(args) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    add_arguments(parser)
-    result = run(parser.parse_args())
-    print(result["description"])
-    print(" | ".join(result["columns"]))
-    for row in result["rows"]:
-        print(" | ".join(row))
+    from common import main
+
+    main(__doc__, add_arguments, run)

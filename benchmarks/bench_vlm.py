@@ -222,11 +222,6 @@ def run(args) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    parser.add_argument("--quick", action="store_true", help="at most 128 tokens")
-    result = run(parser.parse_args())
-    print(result["description"])
-    print(" | ".join(result["columns"]))
-    for row in result["rows"]:
-        print(" | ".join(row))
+    from common import main
+
+    main(__doc__, add_arguments, run)  # --quick: at most 128 tokens

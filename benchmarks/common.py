@@ -92,3 +92,18 @@ def time_generation(model, prompt: mx.array, decode_tokens: int) -> dict:
         "peak_run_bytes": peak,
         "tokens": tokens,
     }
+
+
+def main(doc: str, add_arguments, run) -> None:
+    """Run one bench module on its own (`python benchmarks/bench_X.py [--quick]`)
+    and print its table."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes")
+    add_arguments(parser)
+    result = run(parser.parse_args())
+    print(result["description"])
+    print(" | ".join(result["columns"]))
+    for row in result["rows"]:
+        print(" | ".join(row))
