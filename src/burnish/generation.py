@@ -64,13 +64,20 @@ def encode_prompt(tokenizer, prompt) -> list[int]:
                        f"got {type(prompt).__name__}")
 
 
-def _sampling(temperature, top_p, top_k, min_p, repetition_penalty):
-    from mlx_lm.sample_utils import make_logits_processors, make_sampler
-
+def check_sampling(max_new_tokens, temperature, top_p) -> None:
+    """The option checks shared by the text and the vision paths."""
+    if max_new_tokens <= 0:
+        raise BurnishError(f"max_new_tokens={max_new_tokens} must be positive")
     if temperature < 0:
         raise BurnishError(f"temperature={temperature} must be >= 0")
     if not 0.0 < top_p <= 1.0:
         raise BurnishError(f"top_p={top_p} must be in (0, 1]")
+
+
+def _sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty):
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+    check_sampling(max_new_tokens, temperature, top_p)
     # mlx-lm spells "no top-p" as 0.0.
     sampler = make_sampler(temp=temperature, top_p=0.0 if top_p >= 1.0 else top_p,
                            min_p=min_p, top_k=top_k)
@@ -86,6 +93,32 @@ def _split_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool, int]:
     # Hold back a tail that could be the start of a stop string.
     hold = max((len(s) - 1 for s in stop), default=0)
     return text, False, max(0, len(text) - hold)
+
+
+def stream_chunks(responses, stop, every_token: bool = False) -> Iterator[GenerationChunk]:
+    """`GenerationChunk`s from mlx-lm / mlx-vlm streaming responses, ending
+    at the first stop string (which is not emitted). Text that could be the
+    start of a stop string is held back; with `every_token` a chunk is yielded
+    for every response even when its text is empty."""
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    text, emitted = "", 0
+    for r in responses:
+        text += r.text
+        finish = r.finish_reason
+        kept, found, safe = _split_at_stop(text, stop) if stop else (text, False, len(text))
+        if found:
+            text, safe, finish = kept, len(kept), "stop"
+        elif finish is not None:
+            safe = len(text)
+        if every_token or safe > emitted or finish is not None:
+            yield GenerationChunk(
+                text=text[emitted:safe], token=None if r.token is None else int(r.token),
+                prompt_tokens=r.prompt_tokens, prompt_tps=r.prompt_tps,
+                generation_tokens=r.generation_tokens, generation_tps=r.generation_tps,
+                peak_memory=r.peak_memory, finish_reason=finish)
+            emitted = safe
+        if finish is not None:
+            return
 
 
 def stream_generate(model, tokenizer, prompt, max_new_tokens: int = 256,
@@ -109,32 +142,14 @@ def stream_generate(model, tokenizer, prompt, max_new_tokens: int = 256,
             repetition_penalty=repetition_penalty, seed=seed, stop=stop)
         return
 
-    if max_new_tokens <= 0:
-        raise BurnishError(f"max_new_tokens={max_new_tokens} must be positive")
-    stop = [stop] if isinstance(stop, str) else list(stop or [])
-    sampler, processors = _sampling(temperature, top_p, top_k, min_p, repetition_penalty)
+    sampler, processors = _sampling(max_new_tokens, temperature, top_p, top_k, min_p,
+                                    repetition_penalty)
     if seed is not None:
         mx.random.seed(seed)
     tokens = encode_prompt(tokenizer, prompt)
-    text, emitted = "", 0
-    for r in mlx_stream_generate(model, tokenizer, tokens, max_tokens=max_new_tokens,
-                                 sampler=sampler, logits_processors=processors):
-        text += r.text
-        finish = r.finish_reason
-        kept, found, safe = _split_at_stop(text, stop) if stop else (text, False, len(text))
-        if found:
-            text, safe, finish = kept, len(kept), "stop"
-        elif finish is not None:
-            safe = len(text)
-        if safe > emitted or finish is not None:
-            yield GenerationChunk(
-                text=text[emitted:safe], token=r.token, prompt_tokens=r.prompt_tokens,
-                prompt_tps=r.prompt_tps, generation_tokens=r.generation_tokens,
-                generation_tps=r.generation_tps, peak_memory=r.peak_memory,
-                finish_reason=finish)
-            emitted = safe
-        if finish is not None:
-            return
+    yield from stream_chunks(
+        mlx_stream_generate(model, tokenizer, tokens, max_tokens=max_new_tokens,
+                            sampler=sampler, logits_processors=processors), stop)
 
 
 def generate(model, tokenizer, prompt, max_new_tokens: int = 256,
@@ -169,9 +184,8 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
                     top_k, min_p, repetition_penalty, seed, stop):
     from mlx_lm.generate import batch_generate
 
-    if max_new_tokens <= 0:
-        raise BurnishError(f"max_new_tokens={max_new_tokens} must be positive")
-    sampler, processors = _sampling(temperature, top_p, top_k, min_p, repetition_penalty)
+    sampler, processors = _sampling(max_new_tokens, temperature, top_p, top_k, min_p,
+                                    repetition_penalty)
     if seed is not None:
         mx.random.seed(seed)
     encoded = [encode_prompt(tokenizer, p) for p in prompts]

@@ -252,17 +252,6 @@ def format_prompt(model, processor, prompt, num_images: int,
 # --------------------------------------------------------------------------
 
 
-def _check_sampling(max_new_tokens, temperature, top_p, top_k):
-    if max_new_tokens <= 0:
-        raise BurnishError(f"max_new_tokens={max_new_tokens} must be positive")
-    if temperature < 0:
-        raise BurnishError(f"temperature={temperature} must be >= 0")
-    if not 0.0 < top_p <= 1.0:
-        raise BurnishError(f"top_p={top_p} must be in (0, 1]")
-    if top_k < 0:
-        raise BurnishError(f"top_k={top_k} must be >= 0")
-
-
 def _text_only_error(model) -> BurnishError:
     info = getattr(model, "_burnish", None)
     where = f" ({info.path})" if info is not None else ""
@@ -297,39 +286,26 @@ def stream_generate_vision(model, processor, prompt, images=None, max_new_tokens
     """
     from mlx_vlm.generate import stream_generate as vlm_stream_generate
 
-    from .generation import GenerationChunk, _split_at_stop
+    from .generation import check_sampling, stream_chunks
 
     if not is_vlm(model):
         raise _text_only_error(model)
-    _check_sampling(max_new_tokens, temperature, top_p, top_k)
-    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    check_sampling(max_new_tokens, temperature, top_p)
+    if top_k < 0:
+        raise BurnishError(f"top_k={top_k} must be >= 0")
     prompt, pictures = gather_images(prompt, images)
     text = format_prompt(model, processor, prompt, len(pictures))
     _reset_stopping(model, processor)
     if seed is not None:
         mx.random.seed(seed)
-    out, emitted = "", 0
-    for r in vlm_stream_generate(model, processor, text, image=pictures or None,
-                                 max_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=top_p, top_k=top_k, min_p=min_p,
-                                 repetition_penalty=repetition_penalty):
-        out += r.text
-        finish = r.finish_reason
-        kept, found, safe = _split_at_stop(out, stop) if stop else (out, False, len(out))
-        if found:
-            out, safe, finish = kept, len(kept), "stop"
-        elif finish is not None:
-            safe = len(out)
-        # One chunk per token, as mlx-vlm streams (its text may be empty while
-        # the detokenizer or a possible stop string holds text back).
-        yield GenerationChunk(
-            text=out[emitted:safe], token=None if r.token is None else int(r.token),
-            prompt_tokens=r.prompt_tokens, prompt_tps=r.prompt_tps,
-            generation_tokens=r.generation_tokens, generation_tps=r.generation_tps,
-            peak_memory=r.peak_memory, finish_reason=finish)
-        emitted = safe
-        if finish is not None:
-            return
+    # One chunk per token, as mlx-vlm streams (its text may be empty while
+    # the detokenizer or a possible stop string holds text back).
+    yield from stream_chunks(
+        vlm_stream_generate(model, processor, text, image=pictures or None,
+                            max_tokens=max_new_tokens, temperature=temperature,
+                            top_p=top_p, top_k=top_k, min_p=min_p,
+                            repetition_penalty=repetition_penalty),
+        stop, every_token=True)
 
 
 # --------------------------------------------------------------------------
