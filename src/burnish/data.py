@@ -343,8 +343,7 @@ def format_examples(rows, tokenizer, max_seq_length=2048, completion_only_loss=N
     template). `completion_only_loss=None` trains only the completion /
     assistant tokens for the last two; False trains every token.
     """
-    if not isinstance(rows, Rows) or (rows.lines is None and rows.source == "<list>"):
-        rows = Rows(rows, source=source_name)
+    rows = as_rows(rows, source_name)
     hf = _hf(tokenizer)
     examples, truncated, cut_away, untrained, text_rows = [], 0, 0, 0, 0
     for i, row in enumerate(rows):
@@ -372,6 +371,24 @@ def format_examples(rows, tokenizer, max_seq_length=2048, completion_only_loss=N
             f"'{dataset_text_field}' rows; all their tokens are trained",
             stacklevel=2,
         )
+    return finish_examples(rows, examples, max_seq_length=max_seq_length,
+                           truncated=truncated, cut_away=cut_away, untrained=untrained,
+                           stacklevel=2)
+
+
+def as_rows(rows, source_name: str) -> "Rows":
+    """`rows` as `Rows`; a plain list (or one read without a source) is named
+    `source_name` in error messages."""
+    if not isinstance(rows, Rows) or (rows.lines is None and rows.source == "<list>"):
+        rows = Rows(rows, source=source_name)
+    return rows
+
+
+def finish_examples(rows, examples: list, *, max_seq_length: int, truncated: int,
+                    cut_away: int = 0, untrained: int = 0, stacklevel: int = 2) -> list:
+    """One warning with what formatting cut or dropped; an error if nothing
+    is left to train. `stacklevel` is as the caller would pass it to
+    `warnings.warn` (1 = the caller's own line)."""
     notes = []
     if truncated:
         notes.append(f"truncated {truncated} of {len(rows)} examples to max_seq_length={max_seq_length} tokens")
@@ -380,7 +397,7 @@ def format_examples(rows, tokenizer, max_seq_length=2048, completion_only_loss=N
     if untrained:
         notes.append(f"dropped {untrained} rows with no trained tokens")
     if notes:
-        warnings.warn(f"{rows.source}: " + "; ".join(notes), stacklevel=2)
+        warnings.warn(f"{rows.source}: " + "; ".join(notes), stacklevel=stacklevel + 1)
     if not examples:
         raise BurnishError(f"{rows.source}: no example has any trained tokens")
     return examples

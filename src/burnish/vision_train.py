@@ -23,7 +23,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,7 +187,7 @@ def _row_example(processor, model, row, where, base, completion_only) -> VLMExam
 
 def trainer_examples(trainer, dataset, split: str) -> list[VLMExample]:
     """`Trainer._examples` for a vision-language model."""
-    from .data import Rows, load_rows
+    from .data import as_rows, finish_examples, load_rows
     from .vision import media_token_ids
 
     c = trainer.config
@@ -202,8 +201,7 @@ def trainer_examples(trainer, dataset, split: str) -> list[VLMExample]:
             isinstance(e, VLMExample) for e in dataset):
         return list(dataset)
     rows = load_rows(dataset, split_name=split)
-    if not isinstance(rows, Rows) or (rows.lines is None and rows.source == "<list>"):
-        rows = Rows(rows, source=f"{split}_dataset")
+    rows = as_rows(rows, f"{split}_dataset")
     base = Path(rows.source).parent if rows.lines is not None else None
     completion_only = True if c.completion_only_loss is None else c.completion_only_loss
     never = media_token_ids(trainer.tokenizer, trainer.model.config)
@@ -223,17 +221,8 @@ def trainer_examples(trainer, dataset, split: str) -> list[VLMExample]:
             untrained += 1
             continue
         examples.append(ex)
-    notes = []
-    if truncated:
-        notes.append(f"truncated {truncated} of {len(rows)} examples to "
-                     f"max_seq_length={c.max_seq_length} tokens")
-    if untrained:
-        notes.append(f"dropped {untrained} rows with no trained tokens")
-    if notes:
-        warnings.warn(f"{rows.source}: " + "; ".join(notes), stacklevel=3)
-    if not examples:
-        raise BurnishError(f"{rows.source}: no example has any trained tokens")
-    return examples
+    return finish_examples(rows, examples, max_seq_length=c.max_seq_length,
+                           truncated=truncated, untrained=untrained, stacklevel=3)
 
 
 # --------------------------------------------------------------------------
