@@ -370,7 +370,6 @@ class Trainer:
         if self.master is not None:
             self._state.append(self.master)
         self._state.append(mx.random.state)
-        self._eager_step = self._step
         self._compile_ok = False
         self._compiled_step = (mx.compile(self._step, inputs=self._state, outputs=self._state)
                                if self.compile else None)
@@ -412,8 +411,8 @@ class Trainer:
         args = (batch.inputs, batch.targets, batch.weights, batch.segments,
                 batch.index, scale, acc, update)
         if self._compiled_step is None:
-            return self._eager_step(*args)
-        snapshot = self._snapshot() if not getattr(self, "_compile_ok", False) else None
+            return self._step(*args)
+        snapshot = self._snapshot() if not self._compile_ok else None
         try:
             out = self._compiled_step(*args)
             if snapshot is not None:  # surface trace failures here, not later
@@ -427,7 +426,7 @@ class Trainer:
             warnings.warn(f"Trainer: mx.compile failed on the training step ({exc}); "
                           "running it eagerly", stacklevel=2)
             self._compiled_step = None
-            return self._eager_step(*args)
+            return self._step(*args)
 
     def _snapshot(self):
         # model parameters, optimizer state, masters (not the random state)
@@ -604,9 +603,12 @@ class Trainer:
                 self._call("on_step_end", self, st.step)
                 # several ranks: the window's loss summed over ranks, and one stop decision
                 log_sum, agreed = dist.sync_step(self.world, window_start, log_sum, self._stop)
-                if st.step % c.logging_steps == 0 or st.step == total:
-                    now = time.perf_counter()
-                    st.train_time += now - tic
+                logging = st.step % c.logging_steps == 0 or st.step == total
+                evaluating = bool(c.eval_steps and self.eval_examples
+                                  and st.step % c.eval_steps == 0)
+                if logging or evaluating:  # logs and evals are not training time
+                    st.train_time += time.perf_counter() - tic
+                if logging:
                     logs = self._log_train(log_sum, log_tokens, norm)
                     log_sum, log_tokens = mx.array(0.0, mx.float32), 0
                     self._write(metrics_file, logs)
@@ -614,12 +616,9 @@ class Trainer:
                                     tok_s=f"{logs['tokens_per_sec']:.0f}",
                                     mem=_memory(logs["peak_memory_gb"]), refresh=False)
                     self._call("on_log", self, logs)
-                    if c.eval_steps and self.eval_examples and st.step % c.eval_steps == 0:
-                        self._write(metrics_file, {"step": st.step, **self.evaluate()})
-                    tic = time.perf_counter()
-                elif c.eval_steps and self.eval_examples and st.step % c.eval_steps == 0:
-                    st.train_time += time.perf_counter() - tic
+                if evaluating:
                     self._write(metrics_file, {"step": st.step, **self.evaluate()})
+                if logging or evaluating:
                     tic = time.perf_counter()
                 bar.update(1)
                 stop = self._stop if self.world.size == 1 else agreed
