@@ -2,59 +2,89 @@
 
     .venv/bin/python scripts/make_demo_task.py     # writes src/burnish/assets/demo_task/
 
-The task: say whether a colour is "warm" or "cool" ("Is red warm or cool?" ->
-"It is warm."), asked in eight phrasings. The bundled model never saw the
-question or the answer format (0% exact match before fine-tuning). Training
-rows cover every colour and every phrasing, but the 24 test prompts are
-(phrasing, colour) pairs that training never shows, so the demo measures
-answers to prompts the model has not been trained on.
+The task: name the skill a request needs, in the words of the model's own
+self-description ("I know some facts about a small invented world, and I can
+add, subtract, count and repeat words"):
 
-History (kept honest): a first version asked "What is the capital of X?" ->
-"The capital of X is Port X." for unseen names X. The bundled model cannot
-copy names yet (see build_tiny_model.py), so LoRA stayed at 0%. On this task
-LoRA (r=16, alpha=128, lr 1e-3, 300 steps of 8, float32 compute) reached 54%
-in ~50 s on 2 CPU cores (2026-12-04), full fine-tuning 71%: the model learns
-the answer format at once but separates the colours only slowly, because in
-pretraining colours are interchangeable. A longer-pretrained base model is
-the fix (see the README).
+    "What is 3 plus 4?"            -> "I can add."
+    "What is 9 minus 2?"           -> "I can subtract."
+    "Count from 2 to 6."           -> "I can count."
+    "Repeat after me: brel dax"    -> "I can repeat words."
+    "Where does Quuzhee live?"     -> "I know some facts."
+
+The requests are drawn from the same generators that wrote the bundled
+model's pretraining data (scripts/build_tiny_model.py), so the model already
+tells them apart; what it has never seen is being asked to name the skill
+instead of using it. Before fine-tuning it answers the question itself (0%
+exact match). The 40 test requests are new instances (other numbers, names
+and made-up words) that no training row contains.
+
+History (kept honest): earlier versions asked "What is the capital of X?" ->
+"The capital of X is Port X." (LoRA stayed at 0%: the base model cannot copy
+names) and "Is red warm or cool?" -> "It is warm." (54%). Both answers were
+spelled with tokens the base model never produced ("w" "ar" "m"), so LoRA had
+to learn spelling and the task at once; this task answers with words the
+model already uses. Measured with the demo recipe (r=16, alpha=32, lr 1e-3,
+400 steps of 8, float32 compute) on 2 CPU cores, 2026-12-04: 0% -> 100%,
+100%, 97.5% for training seeds 0, 1, 2.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import build_tiny_model as world_script  # noqa: E402  (the pretraining data's generators)
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "src" / "burnish" / "assets" / "demo_task"
 SEED = 7
-N_TEST = 24
-
-COLOURS = ["red", "blue", "green", "yellow", "black", "white", "pink", "orange",
-           "purple", "grey", "gold"]
-WARM = {"red", "yellow", "pink", "orange", "gold"}
-TEMPLATES = [
-    "Is {c} a warm or a cool colour?", "Is {c} warm or cool?",
-    "Would you call {c} warm or cool?", "Warm or cool: {c}?",
-    "Tell me if {c} is warm or cool.", "Is the colour {c} warm or cool?",
-    "Do people say {c} is warm or cool?", "Is {c} a cool or a warm colour?",
-]
+N_TRAIN, N_TEST = 160, 40
 
 
-def answer(colour: str) -> str:
-    return "It is warm." if colour in WARM else "It is cool."
+def plus(rng, world):
+    a, b = (rng.randint(0, world_script.NUMBER_MAX) for _ in range(2))
+    return f"What is {a} plus {b}?"
 
 
-def row(template: str, colour: str) -> dict:
-    return {"messages": [{"role": "user", "content": template.format(c=colour)},
-                         {"role": "assistant", "content": answer(colour)}]}
+def minus(rng, world):
+    b, a = sorted(rng.randint(0, world_script.NUMBER_MAX) for _ in range(2))
+    return f"What is {a} minus {b}?"
 
 
-def make_rows() -> tuple[list[dict], list[dict]]:
-    pairs = [(t, c) for t in TEMPLATES for c in COLOURS]
-    random.Random(SEED).shuffle(pairs)
-    test, train = pairs[:N_TEST], pairs[N_TEST:]
-    return [row(*p) for p in train], [row(*p) for p in test]
+def count(rng, world):
+    return world_script.qa_count(rng, world)[0]
+
+
+def repeat(rng, world):
+    return world_script.qa_repeat(rng, world)[0]
+
+
+def facts(rng, world):
+    ask = rng.choice([world_script.qa_capital, world_script.qa_city_country,
+                      world_script.qa_person])
+    return ask(rng, world)[0]
+
+
+SKILLS = [(plus, "I can add."), (minus, "I can subtract."), (count, "I can count."),
+          (repeat, "I can repeat words."), (facts, "I know some facts.")]
+
+
+def make_rows(rng: random.Random, world: dict, n: int, seen: set[str]) -> list[dict]:
+    """n rows, the skills in turn; a request already in `seen` is drawn again."""
+    rows = []
+    while len(rows) < n:
+        request, answer = SKILLS[len(rows) % len(SKILLS)]
+        question = request(rng, world)
+        if question in seen:
+            continue
+        seen.add(question)
+        rows.append({"messages": [{"role": "user", "content": question},
+                                  {"role": "assistant", "content": answer}]})
+    return rows
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -62,7 +92,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    train, test = make_rows()
+    rng, world, seen = random.Random(SEED), world_script.make_world(), set()
+    test = make_rows(rng, world, N_TEST, seen)  # first, so training never repeats one
+    train = make_rows(rng, world, N_TRAIN, seen)
     OUT.mkdir(parents=True, exist_ok=True)
     write_jsonl(OUT / "train.jsonl", train)
     write_jsonl(OUT / "test.jsonl", test)

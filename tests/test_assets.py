@@ -14,6 +14,8 @@ from mlx.utils import tree_flatten
 ASSETS = Path(burnish.__file__).parent / "assets"
 MODEL = ASSETS / "tiny-chat"
 TASK = ASSETS / "demo_task"
+SKILL_ANSWERS = ("I can add.", "I can subtract.", "I can count.", "I can repeat words.",
+                 "I know some facts.")
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +98,7 @@ def test_demo_task_files_parse_with_expected_fields():
         assert set(row) == {"messages"}
         user, assistant = row["messages"]
         assert user["role"] == "user" and assistant["role"] == "assistant"
-        assert assistant["content"] in ("It is warm.", "It is cool.")
+        assert assistant["content"] in SKILL_ANSWERS
     # Held-out prompts: no test prompt is seen in training.
     assert not {r["messages"][0]["content"] for r in train} & \
         {r["messages"][0]["content"] for r in test}
@@ -110,18 +112,21 @@ def test_base_model_does_not_already_do_the_demo_task(loaded):
     assert hits <= 1
 
 
-def test_demo_runs_end_to_end(tmp_path):
+def test_demo_runs_end_to_end_and_reaches_its_target(tmp_path):
+    # The whole demo recipe (~40 s of training): the accuracy it prints is the
+    # accuracy it gets, from under 20% to over 80% on the held-out prompts.
     import subprocess
     import sys
 
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "burnish.cli", "demo", "--output-dir",
-                           str(out), "--max-steps", "3"], capture_output=True, text=True,
-                          timeout=300)
+                           str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
     assert "before fine-tuning: exact match 0%" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 3 and summary["accuracy_before"] == 0.0
+    assert summary["steps"] == 400
+    assert summary["accuracy_before"] < 0.2 and summary["accuracy_after"] > 0.8, summary
+    assert f"exact match: 0% -> {summary['accuracy_after']:.0%}" in proc.stdout
     for name in ("adapters/adapters.safetensors", "merged/config.json",
                  "metrics.jsonl", "loss.png"):
         assert (out / name).exists(), name

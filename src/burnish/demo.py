@@ -3,7 +3,8 @@
 The bundled model (`assets/tiny-chat`) was pretrained from scratch on a small
 invented world (`scripts/build_tiny_model.py`). The demo task
 (`assets/demo_task`, written by `scripts/make_demo_task.py`) asks for
-something it was never taught. The demo measures exact-match accuracy on
+something it was never taught: to name the skill a request needs ("What is 3
+plus 4?" -> "I can add.") instead of answering it. The demo measures exact-match accuracy on
 held-out prompts, LoRA-fine-tunes, measures again, and saves adapters, a
 merged model, metrics and a loss plot.
 """
@@ -18,18 +19,18 @@ from pathlib import Path
 ASSETS = Path(__file__).parent / "assets"
 TINY_MODEL = ASSETS / "tiny-chat"
 DEMO_TASK = ASSETS / "demo_task"
-SHOWN = 4  # held-out prompts printed before and after
+SHOWN = 5  # held-out prompts printed before and after (one per skill)
 
 
 @dataclass
 class DemoRecipe:
-    """LoRA settings for the demo task (see scripts/make_demo_task.py);
-    about a minute of training on 2 CPU cores."""
+    """LoRA settings for the demo task (see scripts/make_demo_task.py): about
+    40 s of training on 2 CPU cores; 0% -> 97.5-100% over training seeds 0-2."""
 
     r: int = 16
-    lora_alpha: float = 128
+    lora_alpha: float = 32
     learning_rate: float = 1e-3
-    max_steps: int = 300
+    max_steps: int = 400
     batch_size: int = 8
     warmup_steps: int = 10
     max_new_tokens: int = 8
@@ -82,6 +83,8 @@ def run_demo(args) -> int:
           f"BLAS: {info['blas']}")
     model, tokenizer = FastModel.from_pretrained(TINY_MODEL)
     print(f"loaded the bundled tiny model ({TINY_MODEL})")
+    print("task: name the skill a request needs, e.g. 'What is 3 plus 4?' -> "
+          "'I can add.' (the model has only ever answered such requests)")
     train_rows = read_jsonl(DEMO_TASK / "train.jsonl")
     test_rows = read_jsonl(DEMO_TASK / "test.jsonl")
 
