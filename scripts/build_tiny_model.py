@@ -111,7 +111,7 @@ def make_world(seed: int = SEED) -> dict:
 
 
 def fresh_name(rng: random.Random, world: dict) -> str:
-    """A name that is not in the world (also not a demo-task name, by seed)."""
+    """A name that is not in the world."""
     return invent_name(rng, set(world["names"]))
 
 
