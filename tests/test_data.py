@@ -179,6 +179,8 @@ def test_unknown_role_names_line_and_field(tmp_path, tokenizers):
 @pytest.mark.parametrize("row, match", [
     ({"messages": [{"role": "user", "content": 3}]}, r"\[1\]: field 'messages\[0\]\.content' must be a string, got int"),
     ({"messages": []}, r"\[1\]: field 'messages' must be a non-empty list"),
+    ({"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]},
+     r"\[1\]: field 'messages\[0\]\.content' has an image part: images need a vision-language model"),
     ({"prompt": "a"}, r"\[1\]: field 'completion' is missing"),
     ({"prompt": "a", "completion": 3}, r"\[1\]: fields 'prompt' and 'completion' must both be strings"),
     ({"text": None}, r"\[1\]: field 'text' must be a string, got NoneType"),

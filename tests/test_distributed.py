@@ -158,6 +158,32 @@ def test_two_ranks_equal_one_rank_with_double_batch_and_resume_is_exact(model_fa
         f"checkpoint-{i}" for i in (1, 2, 3, 4)]
 
 
+def test_nproc_run_finishes_and_cleans_up_its_rank_records(model_factory, tmp_path):
+    base = model_factory("llama", mx.float32)
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    out = tmp_path / "out"
+    (tmp_path / "run.yaml").write_text(textwrap.dedent(f"""
+        model:
+          model_name: {base}
+        peft:
+          r: 4
+        data:
+          train: train.jsonl
+        training:
+          output_dir: {out}
+          max_steps: 2
+          per_device_train_batch_size: 2
+    """))
+    proc = subprocess.run([sys.executable, "-m", "burnish.cli", "train",
+                           str(tmp_path / "run.yaml"), "--nproc", "2"],
+                          capture_output=True, text=True, env=env(), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "adapters" / "adapters.safetensors").exists()
+    assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()
+            if "loss" in l][-1] == 2
+    assert not (out / ".burnish-ranks").exists()  # only kept after a failure
+
+
 def test_killing_a_rank_stops_the_run_naming_it(model_factory, tmp_path):
     base = model_factory("llama", mx.float32)
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")

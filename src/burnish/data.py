@@ -208,6 +208,11 @@ def _check_messages(messages, field="messages"):
         content = m.get("content")
         if content is None and m.get("tool_calls"):
             continue
+        if isinstance(content, list) and any(
+                isinstance(part, dict) and part.get("type") in ("image", "image_url")
+                for part in content):
+            raise _RowError(f"field '{field}[{k}].content' has an image part: images need a "
+                            "vision-language model (FastVisionModel)")
         if not isinstance(content, str):
             raise _RowError(
                 f"field '{field}[{k}].content' must be a string, got {type(content).__name__}"

@@ -33,6 +33,7 @@ import json
 import os
 import re
 import signal
+import shutil
 import socket
 import sys
 import threading
@@ -526,8 +527,6 @@ def launch_local(config_path, overrides: list[str], nproc: int, output_dir,
     if nproc < 1:
         raise BurnishError(f"--nproc {nproc}: expected an integer >= 1")
     folder = ranks_dir(output_dir)
-    import shutil
-
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     cmd = [*_launcher(), "--backend", "ring", "--hosts", "127.0.0.1", "-n", str(nproc),
@@ -602,6 +601,7 @@ def launch_local(config_path, overrides: list[str], nproc: int, output_dir,
             failures[r] = (t, "died (no exit status)")
     exits = [_read_json(folder / f"rank-{r}.exit.json") for r in range(nproc)]
     if all(e and e.get("code") == 0 for e in exits) and not any(launcher_codes.values()):
+        shutil.rmtree(folder, ignore_errors=True)  # kept after a failure, for a look
         return 0
     if interrupted is not None:  # the ranks saved a checkpoint and stopped
         e = exits[0] or {}
