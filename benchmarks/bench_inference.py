@@ -215,7 +215,6 @@ def run(args) -> dict:
         for k in ("stock", "burnish"):
             pre = median([r["prefill_tps"] for r in runs[k]["prefill"]])
             dec = median([r["decode_tps"] for r in runs[k]["decode"]])
-            peak = median([r["peak"] for r in runs[k]["prefill"] + runs[k]["decode"]])
             # CPU time of this process: far less disturbed by other load than wall time
             pre_ratio = median([b["cpu"] / a["cpu"] for a, b in
                                 zip(runs[k]["prefill"], runs["stock"]["prefill"])])

@@ -117,7 +117,7 @@ def _timed(models, image, tokens, rounds_offset=0):
         # with no text), so decode speed counts the tokens after the first
         # step over the time after it. Prefill speed is mlx-vlm's own
         # measure (prompt to first token), taken inside the first step.
-        (t0, n0), rest = steps[name][0], steps[name][1:]
+        (_, n0), rest = steps[name][0], steps[name][1:]
         done = last[name].generation_tokens
         out[name] = {"prompt_tokens": last[name].prompt_tokens,
                      "generation_tokens": done,

@@ -32,7 +32,6 @@ import burnish  # noqa: F401  (first: routes float32 matmuls to OpenBLAS)
 
 import argparse
 import json
-import math
 import random
 import time
 from functools import partial

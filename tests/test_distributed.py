@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -158,11 +159,11 @@ def test_two_ranks_equal_one_rank_with_double_batch_and_resume_is_exact(model_fa
         f"checkpoint-{i}" for i in (1, 2, 3, 4)]
 
 
-def test_nproc_run_finishes_and_cleans_up_its_rank_records(model_factory, tmp_path):
-    base = model_factory("llama", mx.float32)
+def write_run(tmp_path, base, out, max_steps: int) -> Path:
+    """A `burnish train` YAML file for ROWS on `base` (LoRA r=4, batch 2)."""
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
-    out = tmp_path / "out"
-    (tmp_path / "run.yaml").write_text(textwrap.dedent(f"""
+    path = tmp_path / "run.yaml"
+    path.write_text(textwrap.dedent(f"""
         model:
           model_name: {base}
         peft:
@@ -171,11 +172,17 @@ def test_nproc_run_finishes_and_cleans_up_its_rank_records(model_factory, tmp_pa
           train: train.jsonl
         training:
           output_dir: {out}
-          max_steps: 2
+          max_steps: {max_steps}
           per_device_train_batch_size: 2
+          logging_steps: 1
     """))
-    proc = subprocess.run([sys.executable, "-m", "burnish.cli", "train",
-                           str(tmp_path / "run.yaml"), "--nproc", "2"],
+    return path
+
+
+def test_nproc_run_finishes_and_cleans_up_its_rank_records(model_factory, tmp_path):
+    out = tmp_path / "out"
+    run = write_run(tmp_path, model_factory("llama", mx.float32), out, max_steps=2)
+    proc = subprocess.run([sys.executable, "-m", "burnish.cli", "train", str(run), "--nproc", "2"],
                           capture_output=True, text=True, env=env(), timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "adapters" / "adapters.safetensors").exists()
@@ -185,24 +192,9 @@ def test_nproc_run_finishes_and_cleans_up_its_rank_records(model_factory, tmp_pa
 
 
 def test_killing_a_rank_stops_the_run_naming_it(model_factory, tmp_path):
-    base = model_factory("llama", mx.float32)
-    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
     out = tmp_path / "out"
-    (tmp_path / "run.yaml").write_text(textwrap.dedent(f"""
-        model:
-          model_name: {base}
-        peft:
-          r: 4
-        data:
-          train: train.jsonl
-        training:
-          output_dir: {out}
-          max_steps: 100000
-          per_device_train_batch_size: 2
-          logging_steps: 1
-    """))
-    proc = subprocess.Popen([sys.executable, "-m", "burnish.cli", "train",
-                             str(tmp_path / "run.yaml"), "--nproc", "2"],
+    run = write_run(tmp_path, model_factory("llama", mx.float32), out, max_steps=100000)
+    proc = subprocess.Popen([sys.executable, "-m", "burnish.cli", "train", str(run), "--nproc", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
     try:
         deadline = time.monotonic() + 120

@@ -20,11 +20,14 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 
 from .errors import BurnishError
+
+if TYPE_CHECKING:  # mlx is imported lazily, where arrays are made
+    import mlx.core as mx
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
