@@ -33,7 +33,7 @@ def config(out, **kw):
     base = dict(output_dir=str(out), per_device_train_batch_size=2,
                 gradient_accumulation_steps=2, max_steps=8, learning_rate=5e-3,
                 logging_steps=3, lr_scheduler_type="cosine", warmup_steps=2,
-                seed=11)
+                seed=11, compute_dtype=None)  # bf16 stays bf16: the float32-master path
     base.update(kw)
     return TrainingConfig(**base)
 

@@ -56,6 +56,20 @@ def test_auto_picks_float32_only_on_cpu_with_routed_blas():
     assert resolve_compute_dtype("float32") == mx.float32
 
 
+def test_default_is_auto_float32_on_this_cpu_model_dtypes_on_a_gpu(model_factory, tmp_path):
+    assert TrainingConfig().compute_dtype == "auto"
+    model, tok = from_pretrained(model_factory("llama", mx.bfloat16))
+    get_peft_model(model, r=4, lora_alpha=8)
+    before = {k: v.dtype for k, v in params(model).items()}
+    spy = DtypeSpy()
+    metrics = Trainer(model, tok, ROWS, config=config(tmp_path), callbacks=[spy],
+                      progress=False).train()
+    routed = mx.default_device() == mx.cpu and BLAS.status == "routed"
+    assert metrics["compute_dtype"] == ("float32" if routed else "model")
+    assert (mx.bfloat16 in spy.dtypes) == (not routed)
+    assert {k: v.dtype for k, v in params(model).items()} == before
+
+
 @pytest.mark.parametrize("quantized", [False, True])
 def test_lora_trains_in_float32_and_keeps_checkpoint_dtypes(model_factory, tmp_path, quantized):
     model, tok = from_pretrained(model_factory("llama", mx.bfloat16), load_in_4bit=quantized)

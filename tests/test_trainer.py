@@ -34,9 +34,11 @@ UNEQUAL = [
 
 
 def config(tmp_path, **kw):
+    # compute_dtype=None: the model's own dtypes, the path every GPU takes
+    # ("auto", the default, trains in float32 on this CPU: test_compute.py)
     base = dict(output_dir=str(tmp_path / "out"), logging_steps=1, seed=0,
                 per_device_train_batch_size=4, lr_scheduler_type="constant",
-                max_grad_norm=None)
+                max_grad_norm=None, compute_dtype=None)
     base.update(kw)
     return TrainingConfig(**base)
 

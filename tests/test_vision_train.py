@@ -55,7 +55,7 @@ def vlm(tmp_path_factory):
 def config(tmp_path, **kw):
     base = dict(output_dir=str(tmp_path / "out"), max_steps=12, learning_rate=3e-3,
                 per_device_train_batch_size=2, logging_steps=4, seed=0,
-                lr_scheduler_type="constant")
+                lr_scheduler_type="constant", compute_dtype=None)  # bf16, as on a GPU
     base.update(kw)
     return TrainingConfig(**base)
 

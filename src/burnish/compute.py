@@ -3,7 +3,8 @@
 On the Linux CPU build, bf16/fp16 matmuls are emulated (no BLAS) while
 float32 matmuls go to OpenBLAS (see `backend`): a LoRA step of a bf16 model
 runs several times faster in float32 (measured: an 11M-parameter Llama,
-1408-token batch, 27 s -> 4.5 s on 2 cores). `compute_dtype` casts the
+1408-token batch, 27 s -> 4.5 s on 2 cores), so "auto", the Trainer's
+default, picks float32 there and the model's dtypes on every GPU. It casts the
 model's floating parameters to float32 for the duration of training and casts
 each one back to its own dtype when training ends, also on errors, so that
 saved adapters and merged weights keep the checkpoint's dtypes. Quantised

@@ -71,10 +71,11 @@ class TrainingConfig:
     dataset_text_field: str = "text"
     cast_norm_output_to_input_dtype: bool = True
     gradient_checkpointing: bool = False
-    # None: train in the model's dtypes; "float32": cast bf16/fp16 weights to
-    # float32 while training (back on exit); "auto": float32 on CPU with an
-    # optimised BLAS, where bf16 matmuls are emulated (see compute.py)
-    compute_dtype: str | None = None
+    # "auto": float32 on a CPU with an optimised BLAS routed, where bf16
+    # matmuls are emulated, else the model's dtypes (every GPU); None: the
+    # model's dtypes; "float32": cast bf16/fp16 weights to float32 while
+    # training. Cast weights go back to their own dtypes on exit (compute.py).
+    compute_dtype: str | None = "auto"
 
     def __post_init__(self):
         def bad(name, expected):
