@@ -24,10 +24,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,7 +44,13 @@ SIZES = {
                             num_attention_heads=8, num_key_value_heads=4, vocab_size=32000,
                             max_position_embeddings=2048),
                  examples=32, min_len=32, max_len=1024, batch=4, reps=3),
-    # a few minutes on a 2-core CPU, where bf16 matmuls are emulated
+    # over ten million parameters and lengths 32..1024 in well under an hour on
+    # a 2-core CPU, where bf16 matmuls are emulated (the default there)
+    "medium": dict(model=dict(hidden_size=256, num_hidden_layers=4, intermediate_size=768,
+                              num_attention_heads=4, num_key_value_heads=2, vocab_size=16384,
+                              max_position_embeddings=2048),
+                   examples=6, min_len=32, max_len=1024, batch=2, reps=1),
+    # a few minutes on a 2-core CPU
     "quick": dict(model=dict(hidden_size=128, num_hidden_layers=2, intermediate_size=384,
                              num_attention_heads=4, num_key_value_heads=2, vocab_size=8192,
                              max_position_embeddings=1024),
@@ -64,7 +66,8 @@ QUANT = dict(group_size=64, bits=4)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("train")
     group.add_argument("--train-size", choices=sorted(SIZES), default=None,
-                       help="model/data size (default: quick with --quick, else full)")
+                       help="model/data size (default: quick with --quick, else full on a "
+                            "GPU and medium on a CPU)")
     group.add_argument("--train-reps", type=int, default=None)
     group.add_argument("--train-modes", nargs="*", default=["lora", "qlora", "full"])
 
@@ -196,7 +199,7 @@ def run_stock(path, mode, dataset, steps, batch, tmp):
     return model, {"wall": wall, "cpu": cpu, "peak": peak, "own_loss": losses[-1]}
 
 
-def run_burnish(path, mode, examples, steps, batch, tmp, compute_dtype=None):
+def run_burnish(path, mode, examples, steps, batch, tmp, compute_dtype="auto"):
     from burnish.trainer import Trainer, TrainingConfig
 
     model, tokenizer = burnish_model(path, mode)
@@ -231,14 +234,15 @@ def final_loss(model, examples) -> float:
 def run(args) -> dict:
     quick = getattr(args, "quick", False)
     info = device_info()
-    size = getattr(args, "train_size", None) or ("quick" if quick else "full")
+    size = getattr(args, "train_size", None) or (
+        "quick" if quick else "medium" if mx.default_device() == mx.cpu else "full")
     spec = SIZES[size]
     reps = getattr(args, "train_reps", None) or spec["reps"]
     modes = getattr(args, "train_modes", None) or ["lora", "qlora", "full"]
     batch = spec["batch"]
     steps = spec["examples"] // batch
     variants = {"stock mlx-lm": ("stock", {}), "burnish": ("burnish", {}),
-                "burnish, float32 compute": ("burnish", {"compute_dtype": "float32"})}
+                "burnish, compute_dtype=None": ("burnish", {"compute_dtype": None})}
     with tempfile.TemporaryDirectory() as tmp:
         path = build_model(Path(tmp) / "llama", "llama", dtype=mx.bfloat16, **spec["model"])
         model, tokenizer = stock_model(path, "full")
@@ -293,9 +297,13 @@ def run(args) -> dict:
                          f"{peak / 1e6:.0f}", f"{mem_ratio:.2f}x", f"{loss:.4f}",
                          f"{loss_ratio:.3f}"])
     cfg = spec["model"]
+    from burnish.compute import resolve_compute_dtype
+
+    auto = ("float32 compute here: weights cast to float32 while training, back to bf16 "
+            "after" if resolve_compute_dtype("auto") is not None else "the model's dtypes here")
     return {
-        "name": NAME,
-        "title": "Training: burnish Trainer vs mlx-lm's trainer (bf16 model)",
+        "name": f"{NAME}-{size}",  # one result per size in results.json
+        "title": f"Training ({size}): burnish Trainer vs mlx-lm's trainer (bf16 model)",
         "description": (
             f"Random bf16 Llama, {params / 1e6:.1f}M parameters (hidden {cfg['hidden_size']}, "
             f"{cfg['num_hidden_layers']} layers, vocab {cfg['vocab_size']}); {len(items)} "
@@ -304,15 +312,15 @@ def run(args) -> dict:
             f"(LoRA/QLoRA {LR['lora']:g}, full {LR['full']:g}), no clipping; LoRA rank "
             f"{LORA['rank']} scale {LORA['scale']} on all 7 linear layers of every block; "
             f"QLoRA: 4-bit affine (group 64) linear layers. Median of {reps} interleaved "
-            "repetitions. tok/s = trained tokens / wall time of the whole run. Speed ratios "
+            "repetition(s). tok/s = trained tokens / wall time of the whole run. Speed ratios "
             "(burnish / stock, higher is better) are medians of per-repetition ratios, in wall "
             "time and in CPU time of this process. Peak = MLX peak memory during the run, "
             "weights included. Final loss: token-weighted float32 cross-entropy of the "
             "trained model on all training examples (the same function for both). burnish "
             "runs its defaults (length-sorted batches, output head on trained positions "
-            "only, chunked float32 loss, eager step on CPU); 'float32 compute' adds "
-            "TrainingConfig(compute_dtype='float32') (weights cast to float32 while "
-            f"training, back to bf16 after). BLAS: {info['blas']}."),
+            "only, chunked float32 loss, eager step on CPU, compute_dtype='auto': "
+            f"{auto}); 'compute_dtype=None' trains in the model's bf16, "
+            f"the path every GPU takes. BLAS: {info['blas']}."),
         "columns": ["mode", "trainer", "trained tok/s", "speed vs stock (wall)",
                     "speed vs stock (CPU)", "peak MB", "memory vs stock", "final loss",
                     "loss vs stock"],

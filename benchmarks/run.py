@@ -113,8 +113,8 @@ def main(argv=None) -> int:
         mx.clear_cache()
     header["load_average_end"] = round(os.getloadavg()[0], 2)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.only:  # keep the other benches' last results
-        results = merge_previous(args.out / "results.json", results)
+    # keep the last results of benches (or sizes) not run now, with their dates
+    results = merge_previous(args.out / "results.json", results)
     (args.out / "results.json").write_text(
         json.dumps({"header": header, "results": results}, indent=2, default=str))
     text = markdown(header, results)
