@@ -44,6 +44,11 @@ SIZES = {
                             num_attention_heads=8, num_key_value_heads=4, vocab_size=32000,
                             max_position_embeddings=2048),
                  examples=32, min_len=32, max_len=1024, batch=4, reps=3),
+    # tens of millions of parameters on a CPU: ~12 min for `--train-modes lora`
+    "large": dict(model=dict(hidden_size=512, num_hidden_layers=6, intermediate_size=1408,
+                             num_attention_heads=8, num_key_value_heads=4, vocab_size=16384,
+                             max_position_embeddings=2048),
+                  examples=6, min_len=32, max_len=1024, batch=2, reps=1),
     # over ten million parameters and lengths 32..1024 in well under an hour on
     # a 2-core CPU, where bf16 matmuls are emulated (the default there)
     "medium": dict(model=dict(hidden_size=256, num_hidden_layers=4, intermediate_size=768,
@@ -199,7 +204,7 @@ def run_stock(path, mode, dataset, steps, batch, tmp):
     return model, {"wall": wall, "cpu": cpu, "peak": peak, "own_loss": losses[-1]}
 
 
-def run_burnish(path, mode, examples, steps, batch, tmp, compute_dtype="auto"):
+def run_burnish(path, mode, examples, steps, batch, tmp, **settings):
     from burnish.trainer import Trainer, TrainingConfig
 
     model, tokenizer = burnish_model(path, mode)
@@ -207,7 +212,7 @@ def run_burnish(path, mode, examples, steps, batch, tmp, compute_dtype="auto"):
                             per_device_train_batch_size=batch, max_steps=steps,
                             learning_rate=LR[mode], lr_scheduler_type="constant",
                             optim="adam", max_grad_norm=None, logging_steps=steps, seed=1,
-                            compute_dtype=compute_dtype)
+                            **settings)
 
     def go():
         return Trainer(model, tokenizer, examples, config=config, progress=False).train()
@@ -242,7 +247,8 @@ def run(args) -> dict:
     batch = spec["batch"]
     steps = spec["examples"] // batch
     variants = {"stock mlx-lm": ("stock", {}), "burnish": ("burnish", {}),
-                "burnish, compute_dtype=None": ("burnish", {"compute_dtype": None})}
+                "burnish, compute_dtype=None": ("burnish", {"compute_dtype": None}),
+                "burnish, gradient_checkpointing": ("burnish", {"gradient_checkpointing": True})}
     with tempfile.TemporaryDirectory() as tmp:
         path = build_model(Path(tmp) / "llama", "llama", dtype=mx.bfloat16, **spec["model"])
         model, tokenizer = stock_model(path, "full")
@@ -320,7 +326,9 @@ def run(args) -> dict:
             "runs its defaults (length-sorted batches, output head on trained positions "
             "only, chunked float32 loss, eager step on CPU, compute_dtype='auto': "
             f"{auto}); 'compute_dtype=None' trains in the model's bf16, "
-            f"the path every GPU takes. BLAS: {info['blas']}."),
+            "the path every GPU takes; 'gradient_checkpointing' adds "
+            "TrainingConfig(gradient_checkpointing=True) to the defaults (each block's "
+            f"activations recomputed in the backward pass). BLAS: {info['blas']}."),
         "columns": ["mode", "trainer", "trained tok/s", "speed vs stock (wall)",
                     "speed vs stock (CPU)", "peak MB", "memory vs stock", "final loss",
                     "loss vs stock"],
