@@ -152,6 +152,9 @@ def bad_folders(model_factory, tmp_path):
     cfg = json.loads((unknown / "config.json").read_text())
     cfg["model_type"] = "no_such_arch"
     (unknown / "config.json").write_text(json.dumps(cfg))
+    bad_json = tmp_path / "bad_json"
+    shutil.copytree(good, bad_json)
+    (bad_json / "config.json").write_text('{\n  "model_type": "llama",\n  oops\n}')
     truncated = tmp_path / "truncated"
     shutil.copytree(good, truncated)
     data = (truncated / "model.safetensors").read_bytes()
@@ -160,12 +163,14 @@ def bad_folders(model_factory, tmp_path):
         "missing": (tmp_path / "does_not_exist", "model folder not found"),
         "no_config": (no_config, "no config.json"),
         "unknown_type": (unknown, "model_type 'no_such_arch' is not supported"),
+        "bad_json": (bad_json, r"config\.json:3: invalid JSON \(.*, column 3\)"),
         "truncated": (truncated, "model.safetensors: truncated safetensors file"),
         "hub": ("nobody-here/missing-model", "not in the local Hugging Face cache"),
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "no_config", "unknown_type", "truncated", "hub"])
+@pytest.mark.parametrize("case", ["missing", "no_config", "unknown_type", "bad_json",
+                                  "truncated", "hub"])
 def test_bad_input_errors(model_factory, tmp_path, monkeypatch, case):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     path, message = bad_folders(model_factory, tmp_path)[case]

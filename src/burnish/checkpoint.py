@@ -26,7 +26,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .atomic import atomic_directory
-from .errors import BurnishError
+from .errors import BurnishError, read_json
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -93,10 +93,7 @@ def read_checkpoint(path) -> dict:
     path = Path(path)
     if not (path / STATE_FILE).exists():
         raise BurnishError(f"{path}: not a burnish checkpoint (no {STATE_FILE})")
-    try:
-        meta = json.loads((path / STATE_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise BurnishError(f"{path / STATE_FILE}:{exc.lineno}: invalid JSON") from None
+    meta = read_json(path / STATE_FILE)
     if meta.get("format_version") != FORMAT_VERSION:
         raise BurnishError(f"{path / STATE_FILE}: unsupported checkpoint format "
                            f"{meta.get('format_version')!r}")

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 
-from .errors import BurnishError
+from .errors import BurnishError, read_json
 
 if TYPE_CHECKING:  # mlx is imported lazily, where arrays are made
     import mlx.core as mx
@@ -129,10 +129,7 @@ def _read_file(path: Path, split_name: str) -> Rows:
                 lines.append(n)
         return Rows(rows, source=str(path), lines=lines)
     if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise BurnishError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+        data = read_json(path)
         if isinstance(data, dict) and isinstance(data.get(split_name), list):
             data = data[split_name]
         if not isinstance(data, list):

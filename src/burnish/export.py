@@ -23,7 +23,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .atomic import atomic_directory, same_folder
-from .errors import BurnishError
+from .errors import BurnishError, read_json
 from .loading import load_info, parse_dtype
 from .peft import ADAPTER_LEAVES, PeftConfig, peft_config
 
@@ -74,10 +74,7 @@ def load_adapters(model, path):
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (path / name).exists():
             raise BurnishError(f"{path}: no {name} in this folder")
-    try:
-        saved = json.loads((path / ADAPTER_CONFIG).read_text())
-    except json.JSONDecodeError as exc:
-        raise BurnishError(f"{path / ADAPTER_CONFIG}:{exc.lineno}: invalid JSON") from None
+    saved = read_json(path / ADAPTER_CONFIG)
     if peft_config(model) is not None:
         raise BurnishError("load_adapters: the model already has adapters")
     try:

@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from .errors import BurnishError
+from .errors import BurnishError, read_json
 
 # Unsloth arguments that have no meaning on MLX: accepted with a warning so
 # that Unsloth notebooks run unchanged.
@@ -115,10 +115,7 @@ def resolve_model_path(model_name) -> Path:
 
 def read_config(path: Path) -> dict:
     config_file = path / "config.json"
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise BurnishError(f"{config_file}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    config = read_json(config_file)
     if not isinstance(config, dict):
         raise BurnishError(f"{config_file}: expected a JSON object")
     if "model_type" not in config:
