@@ -34,6 +34,7 @@ import mlx.nn as nn
 import numpy as np
 
 from burnish.backend import device_info
+from burnish.compute import resolve_compute_dtype
 from common import build_model, median, n_params
 
 NAME = "train"
@@ -303,8 +304,6 @@ def run(args) -> dict:
                          f"{peak / 1e6:.0f}", f"{mem_ratio:.2f}x", f"{loss:.4f}",
                          f"{loss_ratio:.3f}"])
     cfg = spec["model"]
-    from burnish.compute import resolve_compute_dtype
-
     auto = ("float32 compute here: weights cast to float32 while training, back to bf16 "
             "after" if resolve_compute_dtype("auto") is not None else "the model's dtypes here")
     return {

@@ -4,9 +4,9 @@ The bundled model (`assets/tiny-chat`) was pretrained from scratch on a small
 invented world (`scripts/build_tiny_model.py`). The demo task
 (`assets/demo_task`, written by `scripts/make_demo_task.py`) asks for
 something it was never taught: to name the skill a request needs ("What is 3
-plus 4?" -> "I can add.") instead of answering it. The demo measures exact-match accuracy on
-held-out prompts, LoRA-fine-tunes, measures again, and saves adapters, a
-merged model, metrics and a loss plot.
+plus 4?" -> "I can add.") instead of answering it. The demo measures
+exact-match accuracy on held-out prompts, LoRA-fine-tunes, measures again, and
+saves adapters, a merged model, metrics and a loss plot.
 """
 
 from __future__ import annotations

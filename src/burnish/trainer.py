@@ -34,6 +34,8 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import distributed as dist
 from . import optim as opt
+from .compute import CHOICES as COMPUTE_DTYPES
+from .compute import compute_dtype, resolve_compute_dtype
 from .errors import BurnishError
 
 # optim names from transformers / Unsloth notebooks that map onto ours
@@ -132,7 +134,7 @@ class TrainingConfig:
         for name in ("packing", "cast_norm_output_to_input_dtype", "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "True or False")
-        if self.compute_dtype not in (None, "auto", "float32"):
+        if self.compute_dtype not in COMPUTE_DTYPES:
             bad("compute_dtype", "None, 'auto' or 'float32'")
 
     def to_dict(self) -> dict:
@@ -453,7 +455,6 @@ class Trainer:
         checkpoint and raise `TrainingInterrupted`.
         """
         from .checkpoint import resolve_resume
-        from .compute import compute_dtype, resolve_compute_dtype
         from .peft import disable_gradient_checkpointing, enable_gradient_checkpointing
         from .precision import training_precision
 
